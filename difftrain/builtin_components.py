@@ -1,0 +1,73 @@
+"""The built-in catalogue: every config group option difftrain ships, registered on import.
+
+One line per option; conf/<group>/<name>.yaml exists for each (tests/test_registry.py checks the
+1:1 mirror). Targets are imported only when the component is built.
+"""
+
+from __future__ import annotations
+
+from difftrain.config import schema as s
+from difftrain.registry import register
+
+C = "difftrain.components"
+E = "difftrain.engine"
+
+# scheduler: the diffusion formulation (what x_t and the target are)
+register("scheduler", "ddpm", f"{C}.noise_schedules:build_schedule", "DDPM, epsilon prediction",
+         s.DDPMSchedulerConfig)
+register("scheduler", "ddpm_v", f"{C}.noise_schedules:build_schedule", "DDPM, v_prediction",
+         s.DDPMSchedulerConfig)
+register("scheduler", "sd3", f"{C}.noise_schedules:build_schedule",
+         "rectified flow matching as in SD3 (FlowMatchEulerDiscreteScheduler, shift 3.0)",
+         s.FlowMatchSchedulerConfig)
+
+# weighting_scheme: the density timesteps are drawn from
+register("weighting_scheme", "uniform", f"{C}.weighting:build_density", "u ~ U[0, 1): every timestep equally",
+         s.UniformDensityConfig)
+register("weighting_scheme", "logit_normal", f"{C}.weighting:build_density",
+         "u = sigmoid(N(logit_mean, logit_std)) (SD3 default)", s.LogitNormalDensityConfig)
+register("weighting_scheme", "mode", f"{C}.weighting:build_density",
+         "mode density with heavy middle, scale mode_scale (SD3 paper)", s.ModeDensityConfig)
+
+# loss_weighting: per-sample weight of the MSE
+register("loss_weighting", "none", f"{C}.weighting:build_loss_weighting", "w = 1", s.NoWeightingConfig)
+register("loss_weighting", "sigma_sqrt", f"{C}.weighting:build_loss_weighting",
+         "w = sigma^-2 (SD3 'sigma_sqrt'), optional max_weight clamp", s.SigmaSqrtWeightingConfig)
+register("loss_weighting", "cosmap", f"{C}.weighting:build_loss_weighting",
+         "w = 2 / (pi (1 - 2 sigma + 2 sigma^2)) (SD3 cosmap)", s.CosmapWeightingConfig)
+register("loss_weighting", "min_snr", f"{C}.weighting:build_loss_weighting",
+         "Min-SNR-gamma for epsilon, v, sample and flow targets", s.MinSNRWeightingConfig)
+
+# interpolation: resize filter of image data
+for mode, blurb in (("bilinear", "bilinear"), ("bicubic", "bicubic"), ("box", "box (PIL only)"),
+                    ("nearest", "nearest (PIL-compatible legacy)"), ("nearest_exact", "nearest, exact"),
+                    ("hamming", "Hamming (PIL only)"), ("lanczos", "Lanczos (PIL only; diffusers' default)")):
+    register("interpolation", mode, f"{C}.interpolation:resolve_interpolation_mode", f"{blurb} resize filter",
+             s.InterpolationConfig)
+
+# dream: DREAM noise rectification
+register("dream", "off", f"{C}.dream:build_dream", "no DREAM", s.DreamOffConfig)
+register("dream", "on", f"{C}.dream:build_dream",
+         "DREAM with detail_preservation p (epsilon, v, sample and flow)", s.DreamConfig)
+
+# ema: exponential moving average of the weights
+register("ema", "off", f"{C}.ema_factory:build_ema", "no EMA", s.EMAOffConfig)
+register("ema", "ema", f"{C}.ema_factory:build_ema", "EMA, diffusers schedule (1+k)/(10+k) capped at decay",
+         s.EMAConfig)
+register("ema", "ema_warmup", f"{C}.ema_factory:build_ema",
+         "EMA with power warm-up 1-(1+k/inv_gamma)^-power (diffusers' unconditional script)", s.EMAConfig)
+
+# model, data, optimizer, lr_scheduler (engine side)
+register("model", "unet2d", f"{E}.models:build_unet2d", "UNet2DModel, class-conditional, built or loaded",
+         s.UNet2DConfig)
+register("data", "digits", f"{E}.data:build_digits",
+         "UCI handwritten digits shipped with scikit-learn (1,797 8x8 images, 10 classes)", s.DigitsDataConfig)
+register("data", "imagefolder", f"{E}.data:build_imagefolder", "a folder of images; class subfolders give labels",
+         s.ImageFolderDataConfig)
+register("optimizer", "adamw", f"{E}.optim:build_optimizer", "torch.optim.AdamW", s.AdamWConfig)
+register("optimizer", "sgd", f"{E}.optim:build_optimizer", "torch.optim.SGD", s.SGDConfig)
+register("optimizer", "adamw8bit", f"{E}.optim:build_optimizer", "bitsandbytes AdamW8bit (where it works)",
+         s.AdamWConfig)
+for sched in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"):
+    register("lr_scheduler", sched, f"{E}.optim:build_lr_scheduler",
+             f"diffusers.optimization '{sched}' schedule with linear warm-up", s.LRSchedulerConfig)

@@ -1,0 +1,1 @@
+"""Command-line interface: difftrain train | sample | eval | components | report."""

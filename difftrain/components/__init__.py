@@ -1,0 +1,1 @@
+"""Training components: the diffusers training utilities, re-done and tested."""

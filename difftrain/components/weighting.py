@@ -1,0 +1,61 @@
+"""Timestep densities and per-sample loss weightings, as configurable components.
+
+Both are written against the scheduler adapter (difftrain.components.noise_schedules), so each
+works on every schedule: a sigma-defined weighting on a DDPM schedule uses the flow-equivalent
+sigma b / (a + b); Min-SNR uses the adapter's SNR and prediction type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from difftrain.components.noise_schedules import NoiseSchedule
+from difftrain.components.snr import min_snr_weight
+from difftrain.components.timesteps import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+
+@dataclass(frozen=True)
+class TimestepDensity:
+    """Draws u in [0, 1) from the chosen density (uniform, logit_normal, mode)."""
+
+    scheme: str
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def sample(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        return compute_density_for_timestep_sampling(
+            self.scheme, batch_size, logit_mean=self.logit_mean, logit_std=self.logit_std,
+            mode_scale=self.mode_scale, device=device, generator=generator,
+        )
+
+
+def build_density(name: str, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29):
+    return TimestepDensity(name, logit_mean, logit_std, mode_scale)
+
+
+@dataclass(frozen=True)
+class LossWeighting:
+    """Per-sample weight w(t) multiplying the per-sample MSE."""
+
+    scheme: str
+    gamma: float | None = None
+    max_weight: float | None = None
+
+    def __call__(self, schedule: NoiseSchedule, idx: torch.Tensor) -> torch.Tensor | None:
+        if self.scheme == "none":
+            return None
+        if self.scheme == "min_snr":
+            kind = schedule.prediction_type
+            sigmas = schedule.sigma(idx) if kind == "flow" else None
+            return min_snr_weight(schedule.snr(idx), self.gamma, kind, sigmas=sigmas)
+        weights = compute_loss_weighting_for_sd3(self.scheme, sigmas=schedule.sigma(idx))
+        if self.max_weight is not None:
+            weights = weights.clamp(max=self.max_weight)
+        return weights
+
+
+def build_loss_weighting(name: str, gamma: float | None = None, max_weight: float | None = None):
+    return LossWeighting(name, gamma, max_weight)

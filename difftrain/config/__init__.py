@@ -1,0 +1,1 @@
+"""Config schemas and validation (pure Python: no torch import)."""

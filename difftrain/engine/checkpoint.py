@@ -1,0 +1,172 @@
+"""Transactional checkpoints.
+
+A checkpoint is written into `checkpoints/.checkpoint-N.tmp/`, every file is flushed and fsynced,
+a manifest (file names and sizes) is written last, and only then is the folder renamed to
+`checkpoints/checkpoint-N`. "Latest" is the highest N whose manifest matches the files on disk,
+so a run killed mid-save (or a truncated file) is never picked. Old checkpoints are pruned only
+after the new one is published. Tensors are safetensors; optimizer/scheduler/RNG state is loaded
+with `torch.load(weights_only=True)`; everything else is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from difftrain.errors import UserError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+def tmp_dir_for(root: Path, step: int) -> Path:
+    return root / f".checkpoint-{step}.tmp"
+
+
+def begin(root: Path, step: int) -> Path:
+    """Fresh temporary folder for checkpoint `step` (a stale one from a killed run is removed)."""
+    tmp = tmp_dir_for(root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_tensors(tmp: Path, filename: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(cpu, str(tmp / filename), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def write_torch(tmp: Path, filename: str, obj) -> None:
+    torch.save(obj, tmp / filename)
+
+
+def publish(root: Path, tmp: Path, step: int, extra: dict | None = None) -> Path:
+    """Manifest last, fsync everything, then atomically rename the folder into place."""
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    for name in files:
+        _fsync_file(tmp / name)
+    manifest = {"format": FORMAT_VERSION, "step": step,
+                "files": {name: (tmp / name).stat().st_size for name in files}, **(extra or {})}
+    write_json(tmp / MANIFEST, manifest)
+    _fsync_file(tmp / MANIFEST)
+    _fsync_dir(tmp)
+    final = root / f"checkpoint-{step}"
+    if final.exists():  # a re-save of the same step (e.g. final after periodic): replace atomically
+        trash = root / f".checkpoint-{step}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    """True if the manifest exists and every listed file has its recorded size."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and path.is_dir() and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Delete temporary folders left by a killed save (never a published checkpoint)."""
+    stale = [p for p in root.glob(".checkpoint-*") if p.is_dir()] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def prune(root: Path, keep: int | None, protect: Path | None = None) -> list[Path]:
+    """Keep the `keep` newest complete checkpoints; incomplete folders named checkpoint-N go too."""
+    if keep is None:
+        return []
+    complete = complete_checkpoints(root)
+    doomed = [path for _, path in complete[:-keep]] if len(complete) > keep else []
+    doomed += [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir() and not is_complete(p)]
+    removed = []
+    for path in doomed:
+        if protect is not None and path.resolve() == protect.resolve():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """'latest' -> newest complete checkpoint (None if there is none); else a checked path."""
+    root = output_dir / "checkpoints"
+    if resume == "latest":
+        complete = complete_checkpoints(root)
+        return complete[-1][1] if complete else None
+    path = Path(resume).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = root / resume
+    if not path.is_dir():
+        raise UserError(f"resume='{resume}' is not a checkpoint folder (looked at '{path}'); "
+                        "use resume=latest or the path of a checkpoints/checkpoint-N folder")
+    if not is_complete(path):
+        raise UserError(f"checkpoint '{path}' is incomplete or corrupt (its manifest does not match its files); "
+                        "resume from another one, e.g. resume=latest")
+    return path
+
+
+def read_json(path: Path, name: str) -> dict:
+    try:
+        return json.loads((path / name).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"checkpoint '{path}' has an unreadable {name} ({exc}); resume from another checkpoint") from None
+
+
+def read_tensors(path: Path, filename: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / filename))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise UserError(f"checkpoint '{path}' has a corrupt {filename} ({exc}); resume from another checkpoint") from None
+
+
+def read_torch(path: Path, filename: str):
+    try:
+        return torch.load(path / filename, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"checkpoint '{path}' has a corrupt {filename} ({exc}); resume from another checkpoint") from None
