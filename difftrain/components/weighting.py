@@ -48,7 +48,8 @@ class LossWeighting:
         if self.scheme == "none":
             return None
         if self.scheme == "min_snr":
-            kind = schedule.prediction_type
+            # preconditioned SD3 outputs are x0 estimates trained against x0: the 'sample' weight
+            kind = "sample" if schedule.precondition_outputs else schedule.prediction_type
             sigmas = schedule.sigma(idx) if kind == "flow" else None
             return min_snr_weight(schedule.snr(idx), self.gamma, kind, sigmas=sigmas)
         weights = compute_loss_weighting_for_sd3(self.scheme, sigmas=schedule.sigma(idx))

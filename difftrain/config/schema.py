@@ -8,6 +8,7 @@ docs/configuration.md). Ints are accepted where floats are expected (YAML writes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from difftrain.config.fields import opt
 
@@ -28,9 +29,15 @@ class DDPMSchedulerConfig:
     prediction_type: str = opt("epsilon", "what the model predicts", choices=("epsilon", "v_prediction", "sample"))
 
     def check(self, cfg: dict) -> list[str]:
+        errors = []
         if self.beta_end <= self.beta_start:
-            return [f"scheduler.beta_end ({self.beta_end}) must be greater than scheduler.beta_start ({self.beta_start})"]
-        return []
+            errors.append(f"scheduler.beta_end ({self.beta_end}) must be greater than scheduler.beta_start "
+                          f"({self.beta_start})")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            errors.append("scheduler.rescale_betas_zero_snr=true with epsilon prediction has no meaning: at the "
+                          "terminal step x_t is pure noise, so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by "
+                          "zero; use scheduler=ddpm_v (v_prediction) for zero terminal SNR")
+        return errors
 
 
 @dataclass
@@ -137,12 +144,12 @@ class UNet2DConfig:
     sample_size: int = opt(8, "spatial size", ge=1)
     in_channels: int = opt(1, "input channels", ge=1)
     out_channels: int = opt(1, "output channels", ge=1)
-    block_out_channels: list[int] = opt(doc="channels per resolution level", factory=lambda: [32, 64, 64])
+    block_out_channels: list[int] = opt(doc="channels per resolution level", factory=lambda: [32, 64])
     layers_per_block: int = opt(1, "resnet layers per block", ge=1)
     down_block_types: list[str] = opt(doc="diffusers down block classes",
-                                      factory=lambda: ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"])
+                                      factory=lambda: ["DownBlock2D", "DownBlock2D"])
     up_block_types: list[str] = opt(doc="diffusers up block classes",
-                                    factory=lambda: ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
+                                    factory=lambda: ["UpBlock2D", "UpBlock2D"])
     norm_num_groups: int = opt(8, "group-norm groups", ge=1)
     attention_head_dim: int = opt(8, "attention head dim", ge=1)
     num_class_embeds: int | None = opt(10, "number of classes for class conditioning; null = unconditional", ge=1)
@@ -185,6 +192,9 @@ class ImageFolderDataConfig:
     def check(self, cfg: dict) -> list[str]:
         if self.path in (MISSING_PATH, ""):
             return ["data.path is required for data=imagefolder: add data.path=/path/to/images"]
+        if not Path(self.path).expanduser().is_dir():
+            return [f"data.path '{self.path}' is not a folder: point data.path at a folder of images "
+                    "(optionally one subfolder per class)"]
         return []
 
 
@@ -192,7 +202,7 @@ class ImageFolderDataConfig:
 @dataclass
 class AdamWConfig:
     name: str = "adamw"
-    lr: float = opt(1e-3, "learning rate", gt=0)
+    lr: float = opt(2e-3, "learning rate", gt=0)
     betas: list[float] = opt(doc="Adam betas", factory=lambda: [0.9, 0.999])
     weight_decay: float = opt(1e-2, "decoupled weight decay", ge=0)
     eps: float = opt(1e-8, "Adam epsilon", gt=0)
@@ -229,15 +239,15 @@ class LRSchedulerConfig:
 # ---- top-level sections ----------------------------------------------------------------------
 @dataclass
 class TrainerConfig:
-    max_steps: int = opt(3000, "optimizer steps", ge=1)
+    max_steps: int = opt(2000, "optimizer steps", ge=1)
     batch_size: int = opt(64, "per-process micro-batch size", ge=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null = no clipping", gt=0)
     mixed_precision: str = opt("no", "autocast dtype", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
-    checkpoint_every: int = opt(1000, "steps between checkpoints; 0 = only at the end", ge=0)
+    checkpoint_every: int = opt(500, "steps between checkpoints; 0 = only at the end", ge=0)
     checkpoints_total_limit: int | None = opt(2, "keep this many newest checkpoints; null = all", ge=1)
-    validate_every: int = opt(1000, "steps between validations; 0 = only at the end", ge=0)
+    validate_every: int = opt(500, "steps between validations; 0 = only at the end", ge=0)
     log_every: int = opt(50, "steps between metric lines", ge=1)
     num_workers: int = opt(0, "DataLoader worker processes", ge=0)
     deterministic: bool = opt(False, "torch deterministic algorithms (bitwise GPU runs, slower)")

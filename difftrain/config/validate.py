@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from pathlib import Path
 from typing import Any
 
 from difftrain import registry
@@ -118,6 +119,9 @@ def _combinations(cfg: dict) -> list[str]:
     if cfg.get("resume") and not cfg.get("output_dir"):
         errors.append("resume needs output_dir: pass the run folder to continue, "
                       "e.g. output_dir=outputs/2026-01-01_12-00-00 resume=latest")
+    elif cfg.get("resume") and not Path(cfg["output_dir"]).expanduser().is_dir():
+        errors.append(f"resume={cfg['resume']} but output_dir '{cfg['output_dir']}' does not exist; "
+                      "pass the folder of the run to continue")
     model, data = cfg.get("model", {}), cfg.get("data", {})
     val = cfg.get("validation", {})
     n_classes = model.get("num_class_embeds")

@@ -31,9 +31,10 @@ def sample(model, schedule, labels: torch.Tensor | None, shape: tuple[int, ...],
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(shape, generator=generator).to(device) * float(getattr(sched, "init_noise_sigma", 1.0))
     labels = labels.to(device) if labels is not None else None
+    scale = getattr(sched, "scale_model_input", lambda sample, t: sample)  # flow matching has none
     for t in sched.timesteps:
         timesteps = t.to(device).expand(shape[0])
-        pred = denoise(model, sched.scale_model_input(x, t), timesteps, labels)
+        pred = denoise(model, scale(x, t), timesteps, labels)
         x = sched.step(pred.float(), t, x, return_dict=False)[0]
     return x.clamp(-1, 1).float().cpu()
 

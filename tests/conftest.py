@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny configs composed through the real Hydra tree, and a clean accelerate state."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny UNet and a short run: every engine test composes the real conf/ tree with these overrides.
+TINY = [
+    "model.block_out_channels=[8,16]",
+    "model.down_block_types=[DownBlock2D,DownBlock2D]",
+    "model.up_block_types=[UpBlock2D,UpBlock2D]",
+    "model.norm_num_groups=4",
+    "trainer.batch_size=8",
+    "trainer.max_steps=4",
+    "trainer.log_every=1",
+    "trainer.checkpoint_every=2",
+    "trainer.validate_every=0",
+    "trainer.progress=false",
+    "lr_scheduler.warmup_steps=1",
+    "validation.labels=[0,1]",
+    "validation.num_per_label=1",
+    "validation.inference_steps=2",
+    "validation.loss_timesteps=2",
+    "validation.loss_batch_size=4",
+    "eval.enabled=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
+def tiny_config(output_dir: Path, *overrides: str) -> dict:
+    from difftrain.cli.train import compose_config
+    from difftrain.config.validate import validate
+
+    return validate(compose_config([*TINY, f"output_dir={output_dir}", *overrides]))
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
