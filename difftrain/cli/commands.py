@@ -106,7 +106,9 @@ def sample_command(args: list[str]) -> int:
         labels = torch.arange(num_classes).repeat_interleave(opts.num)
     n = len(labels) if labels is not None else opts.num
     res, ch = model.config.sample_size, model.config.in_channels
-    images = sample(model, schedule, labels, (n, ch, res, res), opts.steps, opts.seed, device)
+    cond = {"class_labels": None if labels is None else labels.to(device)}
+    images = sample(lambda x, t: model(x, t, return_dict=False, **cond)[0], schedule, (n, ch, res, res),
+                    opts.steps, opts.seed, device)
     tag = opts.labels.replace(",", "-") if opts.labels else "all"
     out = Path(opts.out) if opts.out else Path(opts.run_dir) / "samples" / f"sample_{tag}.png"
     save_grid(images, out, nrow=opts.num if labels is not None else 8, upscale=max(1, 64 // res))

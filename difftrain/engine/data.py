@@ -31,13 +31,14 @@ class ImageDataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None):
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """{"pixels", "labels", "indices"} of the given dataset indices (flips drawn from `generator`)."""
         x = self.images[indices]
         if self.random_flip:
             flip = torch.rand(len(indices), generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        y = self.labels[indices] if self.labels is not None else None
-        return x, y
+        labels = self.labels[indices] if self.labels is not None else None
+        return {"pixels": x, "labels": labels, "indices": indices}
 
 
 def _resize_tensor(images: torch.Tensor, resolution: int, interpolation) -> torch.Tensor:

@@ -6,8 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.run_files import config_changes, default_run_dir, prepare_run_dir
 from difftrain.errors import UserError
@@ -54,33 +52,30 @@ def _check_resume_config(run_dir: Path, cfg: dict) -> None:
 
 def validate_and_sample(trainer, metrics) -> None:
     """Sample grid with the EMA weights (always restored) and the fixed-noise validation loss."""
-    from difftrain.engine.sampling import sample, save_grid, validation_loss
+    from difftrain.engine.sampling import save_grid, validation_loss
 
     if not trainer.is_main:
         return
-    cfg, v = trainer.cfg, trainer.cfg["validation"]
+    v, bundle, data = trainer.cfg["validation"], trainer.bundle, trainer.data
     model = trainer.unwrapped
+    was_training = model.training
     model.eval()
-    values = {"val_loss": validation_loss(model, trainer.schedule, trainer.data, v["loss_timesteps"],
-                                          v["loss_batch_size"], v["seed"], trainer.device)}
-    data = trainer.data
-    labels = None
-    n = v["num_per_label"] * (len(v["labels"]) if data.num_classes else 1)
-    if data.num_classes:
-        labels = torch.tensor(v["labels"]).repeat_interleave(v["num_per_label"])
-    shape = (n, *data.images.shape[1:])
+
+    def val_loss():
+        return validation_loss(bundle, model, trainer.schedule, data, v["loss_timesteps"], v["loss_batch_size"],
+                               v["seed"], trainer.device)
+
+    values = {"val_loss": val_loss()}
     swap = trainer.ema.swapped(model) if trainer.ema is not None else _nullcontext()
     with swap:
         if trainer.ema is not None:
-            values["val_loss_ema"] = validation_loss(model, trainer.schedule, data, v["loss_timesteps"],
-                                                     v["loss_batch_size"], v["seed"], trainer.device)
-        images = sample(model, trainer.schedule, labels, shape, v["inference_steps"], v["seed"], trainer.device)
-    upscale = max(1, 64 // shape[-1])
-    path = save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:06d}.png",
-                     nrow=v["num_per_label"] if labels is not None else 8, upscale=upscale)
+            values["val_loss_ema"] = val_loss()
+        images, nrow = bundle.validation_images(model, trainer.schedule, data, v, trainer.device)
+    path = save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:06d}.png", nrow=nrow,
+                     upscale=max(1, 64 // images.shape[-1]))
+    model.train(was_training)
     metrics.log(trainer.step, values)
     metrics.image("samples", path, trainer.step)
-    del cfg
 
 
 class _nullcontext:
@@ -92,14 +87,9 @@ class _nullcontext:
 
 
 def export_final(trainer) -> Path:
-    """final/unet holds the EMA weights (the raw ones in final/unet_raw); scheduler config beside."""
+    """Write the diffusers-format outputs of the run into final/ (the model family decides the layout)."""
     final = trainer.run_dir / "final"
-    model = trainer.unwrapped
-    model.save_pretrained(final / "unet_raw" if trainer.ema is not None else final / "unet")
-    if trainer.ema is not None:
-        with trainer.ema.swapped(model):
-            model.save_pretrained(final / "unet")
-    trainer.schedule.scheduler.save_pretrained(final / "scheduler")
+    trainer.bundle.export(final, trainer.unwrapped, trainer.ema, trainer.schedule)
     return final
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from difftrain.engine.models import denoise
 
 
 def inference_scheduler(schedule, steps: int):
@@ -24,17 +23,15 @@ def inference_scheduler(schedule, steps: int):
 
 
 @torch.no_grad()
-def sample(model, schedule, labels: torch.Tensor | None, shape: tuple[int, ...], steps: int,
-           seed: int, device) -> torch.Tensor:
-    """Generate images in [-1, 1] of `shape` (N, C, H, W); labels (N,) or None."""
+def sample(predict, schedule, shape: tuple[int, ...], steps: int, seed: int, device) -> torch.Tensor:
+    """Generate images in [-1, 1] of `shape` (N, C, H, W); `predict(x_t, timesteps)` runs the model."""
     sched = inference_scheduler(schedule, steps)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(shape, generator=generator).to(device) * float(getattr(sched, "init_noise_sigma", 1.0))
-    labels = labels.to(device) if labels is not None else None
     scale = getattr(sched, "scale_model_input", lambda sample, t: sample)  # flow matching has none
     for t in sched.timesteps:
         timesteps = t.to(device).expand(shape[0])
-        pred = denoise(model, scale(x, t), timesteps, labels)
+        pred = predict(scale(x, t), timesteps)
         x = sched.step(pred.float(), t, x, return_dict=False)[0]
     return x.clamp(-1, 1).float().cpu()
 
@@ -51,12 +48,11 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int, upscale: int = 1) -> 
 
 
 @torch.no_grad()
-def validation_loss(model, schedule, dataset, num_timesteps: int, batch_size: int, seed: int, device) -> float:
+def validation_loss(bundle, model, schedule, dataset, num_timesteps: int, batch_size: int, seed: int,
+                    device) -> float:
     """Unweighted MSE at fixed, evenly spaced timesteps on fixed samples and fixed noise."""
     n = min(batch_size, len(dataset))
-    x0, labels = dataset.batch(torch.arange(n))
-    x0 = x0.to(device)
-    labels = labels.to(device) if labels is not None else None
+    x0, cond = bundle.inputs(dataset.batch(torch.arange(n)), device)
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     grid = torch.linspace(0, schedule.num_train_timesteps - 1, num_timesteps).round().long()
@@ -64,7 +60,7 @@ def validation_loss(model, schedule, dataset, num_timesteps: int, batch_size: in
         noise = torch.randn(x0.shape, generator=generator).to(device)
         idx = index.expand(n).to(device)
         noisy = schedule.add_noise(x0, noise, idx)
-        pred = denoise(model, noisy, schedule.model_timesteps(idx), labels).float()
+        pred = bundle.predict(model, noisy, schedule.model_timesteps(idx), cond).float()
         total += torch.mean((pred - schedule.target(x0, noise, idx)) ** 2).item()
     return total / num_timesteps
 
@@ -91,7 +87,12 @@ def evaluate_digits(model, schedule, samples_per_label: int, steps: int, seed: i
                     resolution: int, num_classes: int = 10) -> dict:
     """Accuracy of the digits classifier on class-conditional samples (one number per label too)."""
     labels = torch.arange(num_classes).repeat_interleave(samples_per_label)
-    images = sample(model, schedule, labels, (len(labels), 1, resolution, resolution), steps, seed, device)
+    on_device = labels.to(device)
+
+    def predict(x, t):
+        return model(x, t, class_labels=on_device, return_dict=False)[0]
+
+    images = sample(predict, schedule, (len(labels), 1, resolution, resolution), steps, seed, device)
     predicted = DigitsClassifier().predict(images)
     correct = (predicted == labels).float()
     per_label = correct.view(num_classes, samples_per_label).mean(dim=1)

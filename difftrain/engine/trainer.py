@@ -18,7 +18,6 @@ from difftrain import registry
 from difftrain.components.seeding import seed_for, set_seed
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.data import BatchOrder
-from difftrain.engine.models import denoise
 from difftrain.engine.run_files import MetricsLog, Progress
 from difftrain.errors import TrainingDiverged
 
@@ -39,10 +38,11 @@ class Trainer:
         self.density = registry.build("weighting_scheme", cfg["weighting_scheme"])
         self.weighting = registry.build("loss_weighting", cfg["loss_weighting"])
         self.dream = registry.build("dream", cfg["dream"])
-        model = registry.build("model", cfg["model"])
+        self.bundle = registry.build("model", cfg["model"])
+        model = self.bundle.model
         if self.tcfg["gradient_checkpointing"]:
             model.enable_gradient_checkpointing()
-        optimizer = registry.build("optimizer", cfg["optimizer"], params=model.parameters())
+        optimizer = registry.build("optimizer", cfg["optimizer"], params=self.bundle.trainable_parameters())
         self.lr_scheduler = registry.build("lr_scheduler", cfg["lr_scheduler"], optimizer=optimizer,
                                            max_steps=self.tcfg["max_steps"])
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -64,8 +64,8 @@ class Trainer:
         """Inputs of one micro-batch, every draw from a generator of (seed, rank, step, micro)."""
         _, indices = self.order.indices(self.step, micro, self.rank)
         gen = torch.Generator().manual_seed(seed_for(self.seed, self.rank, f"batch/{self.step}/{micro}"))
-        x0, labels = self.data.batch(indices, gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        x0, cond = self.bundle.inputs(self.data.batch(indices, gen), self.device)
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
         ncfg = self.cfg["noise"]
         if ncfg["offset"]:
             noise = noise + ncfg["offset"] * torch.randn((*x0.shape[:2], 1, 1), generator=gen)
@@ -73,18 +73,18 @@ class Trainer:
         if ncfg["input_perturbation"]:  # perturbs x_t only; the target keeps the clean noise
             input_noise = noise + ncfg["input_perturbation"] * torch.randn(x0.shape, generator=gen)
         idx = self.schedule.index_from_u(self.density.sample(len(indices), "cpu", gen))
-        to = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
-        return to(x0), to(labels), to(noise), to(input_noise), to(idx)
+        to = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return x0, cond, to(noise).to(x0.dtype), to(input_noise).to(x0.dtype), to(idx)
 
-    def compute_loss(self, x0, labels, noise, input_noise, idx) -> torch.Tensor:
+    def compute_loss(self, x0, cond, noise, input_noise, idx) -> torch.Tensor:
         schedule = self.schedule
         noisy = schedule.add_noise(x0, input_noise, idx)
         target = schedule.target(x0, noise, idx)
         timesteps = schedule.model_timesteps(idx)
         if self.dream is not None:
-            predict = lambda x: denoise(self.model, x, timesteps, labels)  # noqa: E731
+            predict = lambda x: self.bundle.predict(self.model, x, timesteps, cond)  # noqa: E731
             noisy, target = self.dream(schedule, predict, idx, noise, noisy, target)
-        pred = denoise(self.model, noisy, timesteps, labels).float()
+        pred = self.bundle.predict(self.model, noisy, timesteps, cond).float()
         if schedule.precondition_outputs:  # SD3: train the x0 estimate x_t - sigma * v against x0
             pred, target = schedule.implied_sample(noisy, pred, idx), x0
         per_sample = ((pred - target.float()) ** 2).mean(dim=tuple(range(1, pred.ndim)))
