@@ -1,4 +1,4 @@
-"""The `ema` config group: builds an EMA over a model's trainable parameters, saved keyed by name."""
+"""The `ema` config group: an EMAModel over a model's trainable parameters, checkpointed by name."""
 
 from __future__ import annotations
 
@@ -8,72 +8,45 @@ import torch
 
 
 class EMA:
-    """EMAModel over the trainable parameters of one model, with name-keyed checkpoint state."""
+    """EMAModel over the trainable (requires_grad) parameters of one model, keyed by parameter name.
+
+    Only trainable parameters are averaged (for LoRA: the adapters, not a copy of the frozen base);
+    with `offload` the fp32 shadows live in one CPU buffer allocated once (pinned when CUDA exists).
+    """
 
     def __init__(self, model: torch.nn.Module, **options) -> None:
         from difftrain.components.ema import EMAModel
 
-        offload = options.pop("offload", False)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.ema = EMAModel([p for _, p in named], **options)
-        self.offload = offload
-        if offload:
-            self.ema.to(device="cpu")
-            if torch.cuda.is_available():
-                self.ema.pin_memory()
+        self.ema = EMAModel(model.named_parameters(), trainable_only=True, **options)
 
-    def parameters(self, model: torch.nn.Module):
+    def _params(self, model: torch.nn.Module):
         named = dict(model.named_parameters())
-        return [named[n] for n in self.names]
+        return [named[name] for name in self.ema.param_names]
 
     def step(self, model: torch.nn.Module) -> None:
-        self.ema.step(self.parameters(model))
+        self.ema.step(self._params(model))
 
     @property
     def decay(self) -> float:
         return float(self.ema.cur_decay_value or 0.0)
 
     def swapped(self, model: torch.nn.Module):
-        """Context manager: EMA weights in `model` inside, the live weights restored after (always)."""
-        return _Swap(self.ema, self.parameters(model))
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        self.ema.copy_to(self.parameters(model))
+        """Context manager: the EMA weights inside, the live weights restored after (always)."""
+        return self.ema.swapped(self._params(model))
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        meta = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-        return dict(zip(self.names, self.ema.shadow_params)), meta
+        """(name -> fp32 shadow copies, hyper-parameters + step) for safetensors + JSON."""
+        tensors = {name: t.detach().clone() for name, t in self.ema.named_state_dict().items()}
+        return tensors, self.ema.hparams()
 
     def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        missing = [n for n in self.names if n not in tensors]
-        if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
-        device = self.ema.shadow_params[0].device if self.ema.shadow_params else "cpu"
-        shadows = [tensors[n].to(device=device, dtype=torch.float32) for n in self.names]
-        self.ema.load_state_dict({**meta, "shadow_params": shadows})
-        if self.offload and torch.cuda.is_available():
-            self.ema.pin_memory()
-
-
-@dataclass
-class _Swap:
-    ema: object
-    params: list
-
-    def __enter__(self):
-        self.ema.store(self.params)
-        self.ema.copy_to(self.params)
-        return self
-
-    def __exit__(self, *exc):
-        self.ema.restore(self.params)
-        return False
+        self.ema.load_named_state_dict(tensors, strict=True)
+        self.ema.load_state_dict(meta)  # hyper-parameters and optimization_step (no shadows in meta)
 
 
 @dataclass(frozen=True)
 class EMAFactory:
-    """What the registry builds from the config; the engine calls it with the prepared model."""
+    """What the registry builds from the config; the engine calls it with the model to average."""
 
     options: dict
 
