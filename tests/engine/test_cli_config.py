@@ -116,3 +116,20 @@ def test_resume_without_output_dir_is_rejected(tmp_path):
     result = run_cli("train", "resume=latest", cwd=tmp_path)
     assert result.returncode == 2 and "resume needs output_dir" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tab_completion_offers_groups_options_and_keys(tmp_path):
+    import os
+
+    def complete(line: str) -> list[str]:
+        env = {**cli_env(), "COMP_LINE": line, "COMP_POINT": str(len(line))}
+        result = subprocess.run([sys.executable, "-m", "difftrain", "-sc", "query=bash"], env=env,
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert complete("difftrain train scheduler=") == ["scheduler=ddpm", "scheduler=ddpm_v", "scheduler=sd3"]
+    assert "ema.decay=" in complete("difftrain train ema.")
+    install = run_cli("train", "--shell-completion", "install=bash", cwd=tmp_path)
+    assert install.returncode == 0 and "hydra_bash_completion" in install.stdout
+    assert os.listdir(tmp_path) == []
