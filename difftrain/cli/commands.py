@@ -83,13 +83,23 @@ def sample_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="difftrain sample", description=sample_command.__doc__)
     parser.add_argument("run_dir")
     parser.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 0,1,7")
-    parser.add_argument("--num", type=int, default=8, help="samples per label (or in total if unconditional)")
+    parser.add_argument("--prompt", action="append", help="text-to-image runs: a prompt (repeat for more rows)")
+    parser.add_argument("--num", type=int, default=None,
+                        help="samples per label or prompt (or in total if unconditional); default 8, 4 per prompt")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=None, help="text-to-image: guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="PNG path (default RUN_DIR/samples/sample_<labels>.png)")
     opts = parser.parse_args(args)
-    if opts.num < 1 or opts.steps < 1:
+    if (opts.num is not None and opts.num < 1) or opts.steps < 1:
         raise UserError("--num and --steps must be positive integers")
+    from difftrain.cli.sample_t2i import sample_t2i, t2i_family
+
+    if t2i_family(opts.run_dir):
+        return sample_t2i(opts)
+    if opts.prompt:
+        raise UserError("--prompt is for text-to-image runs (model=sd15 or sd3); this run takes --labels")
+    opts.num = opts.num or 8
     cfg, model, schedule, device = _load_run(opts.run_dir)
     num_classes = cfg["model"].get("num_class_embeds")
     labels = None
@@ -125,6 +135,11 @@ def eval_command(args: list[str]) -> int:
     parser.add_argument("--samples-per-label", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     opts = parser.parse_args(args)
+    from difftrain.cli.sample_t2i import t2i_family
+
+    if t2i_family(opts.run_dir):
+        raise UserError("difftrain eval measures digits-classifier accuracy: it needs a run on data=digits, not a "
+                        "text-to-image run (use difftrain sample RUN_DIR --prompt ...)")
     cfg, model, schedule, device = _load_run(opts.run_dir)
     if cfg["data"]["name"] != "digits":
         raise UserError("difftrain eval measures digits-classifier accuracy: it needs a run on data=digits")

@@ -27,18 +27,30 @@ class ImageDataset:
     labels: torch.Tensor | None
     num_classes: int | None
     random_flip: bool = False
+    captions: list[str | None] | None = None  # per image (text-to-image models); None = no captions
+    caption_dropout: float = 0.0
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """{"pixels", "labels", "indices"} of the given dataset indices (flips drawn from `generator`)."""
+        """{"pixels", "labels", "indices", "flips"} of the given dataset indices, plus "captions" and
+        "dropped" when the data has captions. Flips, then caption dropout (only with a generator: training),
+        are drawn from `generator`; a dropped caption becomes the empty prompt."""
         x = self.images[indices]
+        flip = None
         if self.random_flip:
             flip = torch.rand(len(indices), generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         labels = self.labels[indices] if self.labels is not None else None
-        return {"pixels": x, "labels": labels, "indices": indices}
+        out = {"pixels": x, "labels": labels, "indices": indices, "flips": flip}
+        if self.captions is not None:
+            dropped = torch.zeros(len(indices), dtype=torch.bool)
+            if self.caption_dropout > 0 and generator is not None:
+                dropped = torch.rand(len(indices), generator=generator) < self.caption_dropout
+            out["captions"] = ["" if d else self.captions[i] for i, d in zip(indices.tolist(), dropped.tolist())]
+            out["dropped"] = dropped
+        return out
 
 
 def _resize_tensor(images: torch.Tensor, resolution: int, interpolation) -> torch.Tensor:
@@ -77,12 +89,35 @@ def _list_images(root: Path) -> list[tuple[Path, str | None]]:
     return files
 
 
+def load_image(im, resolution: int, center_crop: bool, channels: int, interpolation,
+               crop_gen: torch.Generator) -> torch.Tensor:
+    """A PIL image -> (C, resolution, resolution) in [-1, 1]: EXIF transpose, resize the shorter side, crop."""
+    from PIL import ImageOps
+    from torchvision.transforms import functional as TF
+
+    im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
+    im = TF.resize(im, resolution, interpolation=interpolation)
+    if center_crop:
+        im = TF.center_crop(im, [resolution, resolution])
+    else:
+        top = int(torch.randint(0, im.height - resolution + 1, (1,), generator=crop_gen))
+        left = int(torch.randint(0, im.width - resolution + 1, (1,), generator=crop_gen))
+        im = TF.crop(im, top, left, resolution, resolution)
+    return TF.pil_to_tensor(im).float() / 127.5 - 1.0
+
+
 def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: bool = True,
                       random_flip: bool = False, channels: int = 3, num_classes: int | None = None,
-                      interpolation=None, seed: int = 0) -> ImageDataset:
-    """Load, resize (shorter side, chosen interpolation) and crop every image once."""
-    from PIL import Image, ImageOps
-    from torchvision.transforms import functional as TF
+                      interpolation=None, seed: int = 0, caption_column: str = "text",
+                      instance_prompt: str | None = None, caption_dropout: float = 0.0,
+                      **cache_options) -> ImageDataset:
+    """Load, resize (shorter side, chosen interpolation) and crop every image once; read the captions.
+
+    `cache_options` (cache_latents, cache_text_embeddings, cache_dir) are read by the text-to-image
+    families, which build the caches (difftrain/engine/families/cache.py)."""
+    from PIL import Image
+
+    from difftrain.engine.families.t2i_data import read_captions
 
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -101,15 +136,7 @@ def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: b
     for file, _ in files:
         try:
             with Image.open(file) as im:
-                im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
-                im = TF.resize(im, resolution, interpolation=interpolation)
-                if center_crop:
-                    im = TF.center_crop(im, [resolution, resolution])
-                else:
-                    top = int(torch.randint(0, im.height - resolution + 1, (1,), generator=crop_gen))
-                    left = int(torch.randint(0, im.width - resolution + 1, (1,), generator=crop_gen))
-                    im = TF.crop(im, top, left, resolution, resolution)
-                tensors.append(TF.pil_to_tensor(im).float() / 127.5 - 1.0)
+                tensors.append(load_image(im, resolution, center_crop, channels, interpolation, crop_gen))
         except OSError as exc:
             raise UserError(f"could not read image '{file}' ({exc}); remove or replace the file") from None
     labels = None
@@ -120,7 +147,9 @@ def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: b
         if len(class_names) > num_classes:
             raise UserError(f"data.path has {len(class_names)} class folders but data.num_classes={num_classes}; "
                             "raise data.num_classes or remove folders")
-    return ImageDataset(torch.stack(tensors), labels, num_classes if labels is not None else None, random_flip)
+    captions = read_captions(root, [f for f, _ in files], caption_column, instance_prompt)
+    return ImageDataset(torch.stack(tensors), labels, num_classes if labels is not None else None, random_flip,
+                        captions, caption_dropout)
 
 
 class BatchOrder:

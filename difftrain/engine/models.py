@@ -1,9 +1,12 @@
 """Model families: what the engine trains and how to condition, call, sample and export it.
 
-The engine only talks to a `ModelBundle`: `inputs()` turns a data batch into (x0, cond), `predict()`
-calls the (possibly accelerate-wrapped) denoiser, `validation_images()` makes the sample grid and
-`export()` writes diffusers folders. A family (class-conditional UNet2D here; latent text-to-image
-families elsewhere) subclasses it; the loop stays the same.
+The engine only talks to a `ModelBundle`: `training_schedule()` may replace the scheduler group's
+schedule (pretrained pipelines bring their own), `prepare()` sets the bundle up once before the optimizer
+is built (dtypes, adapters, caches), `inputs()` turns a data batch into (x0, cond), `predict()` calls the
+(possibly accelerate-wrapped) denoiser, `checkpoint_tensors()`/`load_checkpoint_tensors()` say what a
+checkpoint holds, `validation_images()` makes the sample grid and `export()` writes diffusers folders.
+A family (class-conditional UNet2D here; latent text-to-image families in difftrain/engine/families/)
+subclasses it; the loop stays the same.
 """
 
 from __future__ import annotations
@@ -20,13 +23,28 @@ class ModelBundle:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model  # the trainable module (handed to the optimizer and accelerate)
+        # folder labels feed the model only if it has a class embedding (num_class_embeds set)
+        self.class_conditional = getattr(getattr(model, "config", None), "num_class_embeds", None) is not None
 
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def inputs(self, batch: dict, device) -> tuple[torch.Tensor, dict]:
-        """(x0, conditioning kwargs) of one micro-batch, on `device`."""
-        labels = batch.get("labels")
+    def training_schedule(self, scheduler_cfg: dict):
+        """A NoiseSchedule that replaces the one built from the `scheduler` group, or None to keep it."""
+
+    def prepare(self, cfg: dict, data, run_dir: Path, accelerator) -> None:
+        """Called once by the Trainer after data and bundle are built, before the optimizer."""
+
+    def checkpoint_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint stores (model.safetensors)."""
+        return model.state_dict()
+
+    def load_checkpoint_tensors(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(tensors)
+
+    def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """(x0, conditioning kwargs) of one micro-batch, on `device`; random draws (if any) from `generator`."""
+        labels = batch.get("labels") if self.class_conditional else None
         return batch["pixels"].to(device), {"class_labels": None if labels is None else labels.to(device)}
 
     def predict(self, model, x: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -38,7 +56,7 @@ class ModelBundle:
 
         per_label = vcfg["num_per_label"]
         labels = None
-        if data.num_classes:
+        if data.num_classes and self.class_conditional:
             labels = torch.tensor(vcfg["labels"]).repeat_interleave(per_label)
         n = len(labels) if labels is not None else per_label * 8
         cond = {"class_labels": None if labels is None else labels.to(device)}

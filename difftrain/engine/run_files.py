@@ -20,8 +20,8 @@ def default_run_dir(now: datetime | None = None) -> Path:
 
 
 def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
-    """Never overwrite a previous run: an existing non-empty folder is only reused to resume."""
-    if run_dir.exists() and any(run_dir.iterdir()) and not resuming:
+    """Never overwrite a previous run: a folder holding a run (its config.yaml) is only reused to resume."""
+    if (run_dir / "config.yaml").exists() and not resuming:
         raise UserError(f"output_dir '{run_dir}' already holds a run; continue it with "
                         f"output_dir={run_dir} resume=latest, or choose a new output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
