@@ -7,6 +7,8 @@ One line per option; conf/<group>/<name>.yaml exists for each (tests/test_regist
 from __future__ import annotations
 
 from difftrain.config import schema as s
+from difftrain.config import schema_distributed as sd
+from difftrain.config import schema_t2i as t
 from difftrain.registry import register
 
 C = "difftrain.components"
@@ -62,7 +64,8 @@ register("model", "unet2d", f"{E}.models:build_unet2d", "UNet2DModel, class-cond
          s.UNet2DConfig)
 register("data", "digits", f"{E}.data:build_digits",
          "UCI handwritten digits shipped with scikit-learn (1,797 8x8 images, 10 classes)", s.DigitsDataConfig)
-register("data", "imagefolder", f"{E}.data:build_imagefolder", "a folder of images; class subfolders give labels",
+register("data", "imagefolder", f"{E}.data:build_imagefolder",
+         "a folder of images; class subfolders give labels; captions from metadata.jsonl or .txt files",
          s.ImageFolderDataConfig)
 register("optimizer", "adamw", f"{E}.optim:build_optimizer", "torch.optim.AdamW", s.AdamWConfig)
 register("optimizer", "sgd", f"{E}.optim:build_optimizer", "torch.optim.SGD", s.SGDConfig)
@@ -71,3 +74,26 @@ register("optimizer", "adamw8bit", f"{E}.optim:build_optimizer", "bitsandbytes A
 for sched in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"):
     register("lr_scheduler", sched, f"{E}.optim:build_lr_scheduler",
              f"diffusers.optimization '{sched}' schedule with linear warm-up", s.LRSchedulerConfig)
+
+# distributed: how the processes of one run share the work (accelerate builds the engine)
+register("distributed", "ddp", f"{E}.distributed:ddp_plugins",
+         "accelerate with torch DDP (also the single-process case); gloo on CPU, nccl on GPUs", sd.DDPConfig)
+register("distributed", "deepspeed_zero2", f"{E}.distributed:deepspeed_plugins",
+         "DeepSpeed ZeRO-2 through accelerate: optimizer state and gradients sharded", sd.DeepSpeedConfig)
+register("distributed", "deepspeed_zero3", f"{E}.distributed:deepspeed_plugins",
+         "DeepSpeed ZeRO-3 through accelerate: parameters sharded too (EMA gathered in bounded groups)",
+         sd.DeepSpeedConfig)
+
+# latent text-to-image families (pretrained diffusers pipelines), their data source and LoRA
+register("model", "sd15", f"{E}.families.sd15:build_sd15",
+         "Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel, CLIP, VAE) from a hub id or folder",
+         t.SD15ModelConfig)
+register("model", "sd3", f"{E}.families.sd3:build_sd3",
+         "Stable Diffusion 3 pipeline (SD3Transformer2DModel, 2 CLIP + T5, VAE), rectified flow", t.SD3ModelConfig)
+register("data", "hf", f"{E}.families.t2i_data:build_hf",
+         "a Hugging Face `datasets` dataset (hub id, save_to_disk folder or local folder) of images and captions",
+         t.HFDataConfig)
+register("lora", "off", f"{E}.families.lora:build_lora", "train the full denoiser", t.LoraOffConfig)
+register("lora", "on", f"{E}.families.lora:build_lora",
+         "LoRA adapters (peft) on the denoiser, optionally the CLIP text encoders; saved in diffusers' LoRA format",
+         t.LoraOnConfig)

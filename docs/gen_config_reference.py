@@ -33,6 +33,15 @@ terminal step: use `scheduler=ddpm_v`); `ema.min_decay > ema.decay`; `ema.update
 `lr_scheduler.warmup_steps > trainer.max_steps`; `resume` without an existing `output_dir`; a model whose
 `sample_size` is not divisible by 2^(levels-1) or differs from `data.resolution`; `validation.labels` outside the
 model's classes.
+
+Text-to-image (`model=sd15|sd3`, docs/fine-tuning-sd15.md, docs/fine-tuning-sd3.md): `model.pretrained` is
+required (a local path must be a folder with model_index.json); `model=sd15` trains with `scheduler=ddpm|ddpm_v`
+and `model=sd3` with `scheduler=sd3` (which `model=sd3` selects, with `weighting_scheme=logit_normal`; the
+pipeline's scheduler config supplies the tables, the group the prediction type / `precondition_outputs`); they need `data=imagefolder|hf` with RGB images and a resolution that
+is a multiple of 8. Rejected: `lora=on` without a text-to-image model; `lora.train_text_encoder=true` with
+`data.cache_text_embeddings=true`; the caption/cache keys of `data` (`cache_latents`, `cache_text_embeddings`,
+`caption_dropout`, `instance_prompt`) with another model; `trainer.mixed_precision=fp16` without a CUDA GPU
+(at start).
 """
 
 

@@ -7,9 +7,9 @@ seconds with every problem listed, and nothing is written.
 
 from __future__ import annotations
 
-import json
+import os
 import sys
-from pathlib import Path
+import time
 
 CONFIG_MODULE = "difftrain.conf"
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
@@ -99,6 +99,13 @@ def train_command(args: list[str]) -> int:
     from difftrain.config.validate import ConfigError
 
     overrides, multirun, info = _split(args)
+    if multirun and not info and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from difftrain.cli.main import print_error
+
+        print_error("a -m sweep cannot run inside a multi-process launch (every rank would run every job); "
+                    "launch the sweep once, e.g. with hydra/launcher=submitit_slurm (docs/sweeps.md), or "
+                    "launch each run separately with accelerate launch / torchrun")
+        return 2
     if not info:
         try:
             precheck(overrides, multirun)
@@ -108,40 +115,59 @@ def train_command(args: list[str]) -> int:
             print_error("invalid config:\n  - " + "\n  - ".join(exc.errors) +
                         "\n(difftrain train --help lists the groups and options; docs/configuration.md every key)")
             return 2
+    from difftrain.cli import sweep
+
+    sweep.LAST_SUMMARY.clear()
     sys.argv = ["difftrain train", *args]
     _hydra_main()
-    return 0
+    return 1 if multirun and sweep.LAST_SUMMARY.get("failed") else 0  # a sweep with a failed job exits 1
 
 
-def _task(cfg) -> dict | None:
+def _task(cfg) -> dict | float | None:
+    """One job. In a -m sweep a failing job never raises (Hydra would then skip the sweep's end and its
+    summary): it writes failed.json and job.json into its folder and the sweep goes on. Under the Optuna
+    sweeper the job returns the float `eval.objective`."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from difftrain.cli.main import print_error
+    from difftrain.cli.sweep import job_result, write_job_record
     from difftrain.config.validate import ConfigError, validate
     from difftrain.errors import UserError
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    started = time.time()
+    checked: dict = {}
     try:
         checked = validate(OmegaConf.to_container(cfg, resolve=True))
         if multirun and not checked["output_dir"]:
             checked["output_dir"] = hydra_cfg.runtime.output_dir
+        from difftrain.engine.distributed import reset_accelerate_state
         from difftrain.engine.run import run_training
 
+        if multirun:
+            reset_accelerate_state()  # jobs run one after another in one process (basic/joblib launchers)
         summary = run_training(checked)
     except (UserError, ConfigError) as exc:
         code = getattr(exc, "exit_code", 2)
         print_error(str(exc))
         if not multirun:
             sys.exit(code)
-        job_dir = Path(hydra_cfg.runtime.output_dir)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        (job_dir / "failed.json").write_text(json.dumps({"error": str(exc), "exit_code": code}, indent=2))
-        return {"error": str(exc)}
+        return write_job_record(hydra_cfg, started, error=str(exc), exit_code=code)
+    except Exception as exc:  # a crash of one sweep job must not lose the others' results
+        if not multirun:
+            raise
+        import traceback
+
+        print_error(f"job {hydra_cfg.job.num} failed: {exc!r}")
+        return write_job_record(hydra_cfg, started, error=f"{type(exc).__name__}: {exc}", exit_code=1,
+                                trace=traceback.format_exc())
     _print_summary(summary)
-    return summary
+    if multirun:
+        write_job_record(hydra_cfg, started, summary=summary)
+    return job_result(hydra_cfg, summary, checked["eval"]["objective"])
 
 
 def _print_summary(summary: dict) -> None:

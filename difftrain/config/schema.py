@@ -188,14 +188,23 @@ class ImageFolderDataConfig:
     random_flip: bool = opt(False, "random horizontal flip")
     channels: int = opt(3, "1 = grayscale, 3 = RGB", choices=(1, 3))
     num_classes: int | None = opt(None, "number of labels; null = count the class subfolders", ge=1)
+    caption_column: str = opt("text", "caption field of metadata.jsonl rows (text-to-image models)")
+    instance_prompt: str | None = opt(None, "one prompt for every image (overrides metadata.jsonl and .txt)")
+    caption_dropout: float = opt(0.0, "probability of training a sample on the empty prompt", ge=0, le=1)
+    cache_latents: bool = opt(False, "encode every image with the VAE once (both flips when random_flip)")
+    cache_text_embeddings: bool | None = opt(None, "cache prompt embeddings; null = when the text encoders "
+                                                   "are frozen")
+    cache_dir: str | None = opt(None, "folder of the caches; null = RUN_DIR/cache")
 
     def check(self, cfg: dict) -> list[str]:
+        from difftrain.config.schema_t2i import data_t2i_checks
+
         if self.path in (MISSING_PATH, ""):
             return ["data.path is required for data=imagefolder: add data.path=/path/to/images"]
         if not Path(self.path).expanduser().is_dir():
             return [f"data.path '{self.path}' is not a folder: point data.path at a folder of images "
                     "(optionally one subfolder per class)"]
-        return []
+        return data_t2i_checks(cfg.get("data", {}), cfg)
 
 
 # ---- optimisation ----------------------------------------------------------------------------
@@ -270,6 +279,13 @@ class ValidationConfig:
     seed: int = opt(0, "sampling seed", ge=0)
     loss_timesteps: int = opt(8, "fixed timesteps of the validation loss", ge=1)
     loss_batch_size: int = opt(64, "fixed samples of the validation loss", ge=1)
+    prompts: list[str] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
+        doc="text-to-image: prompts of the grid; [] = the first distinct captions of the data (up to 4)",
+        factory=list)
+    num_images: int = opt(2, "text-to-image: images per prompt (one grid row each)", ge=1)
+    steps: int = opt(20, "text-to-image: pipeline inference steps", ge=1)
+    guidance_scale: float | None = opt(None, "text-to-image: classifier-free guidance; null = the "
+                                       "pipeline's default (SD 7.5, SD3 7.0)", ge=0)
 
 
 @dataclass
@@ -278,6 +294,8 @@ class EvalConfig:
     samples_per_label: int = opt(20, "class-conditional samples per label", ge=1)
     inference_steps: int = opt(50, "sampler steps", ge=1)
     seed: int = opt(1234, "sampling seed", ge=0)
+    objective: str = opt("accuracy", "the number a sweeper optimises (Optuna): accuracy (maximise) or a loss "
+                         "(minimise)", choices=("accuracy", "val_loss", "val_loss_ema", "loss"))
 
 
 TOP_LEVEL_SCALARS = {
@@ -287,4 +305,4 @@ TOP_LEVEL_SCALARS = {
 }
 SECTIONS = {"trainer": TrainerConfig, "noise": NoiseConfig, "validation": ValidationConfig, "eval": EvalConfig}
 GROUPS = ("scheduler", "weighting_scheme", "loss_weighting", "interpolation", "dream", "ema",
-          "model", "data", "optimizer", "lr_scheduler")
+          "model", "data", "optimizer", "lr_scheduler", "distributed", "lora")

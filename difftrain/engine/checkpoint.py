@@ -66,10 +66,13 @@ def write_torch(tmp: Path, filename: str, obj) -> None:
 
 
 def publish(root: Path, tmp: Path, step: int, extra: dict | None = None) -> Path:
-    """Manifest last, fsync everything, then atomically rename the folder into place."""
-    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    """Manifest last, fsync everything, then atomically rename the folder into place. Files in subfolders
+    (DeepSpeed's engine shards, written by every rank) are listed by their relative path."""
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
         _fsync_file(tmp / name)
+    for sub in sorted({(tmp / name).parent for name in files} - {tmp}):
+        _fsync_dir(sub)
     manifest = {"format": FORMAT_VERSION, "step": step,
                 "files": {name: (tmp / name).stat().st_size for name in files}, **(extra or {})}
     write_json(tmp / MANIFEST, manifest)

@@ -12,11 +12,10 @@ from difftrain.errors import UserError
 
 
 def make_accelerator(cfg: dict):
-    from accelerate import Accelerator
+    """accelerate with DDP or DeepSpeed, as the `distributed` group says (engine/distributed.py)."""
+    from difftrain.engine.distributed import make_accelerator as make
 
-    t = cfg["trainer"]
-    return Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"],
-                       cpu=t["cpu"], step_scheduler_with_optimizer=False)
+    return make(cfg)
 
 
 def choose_run_dir(cfg: dict, accelerator, fallback: Path | None = None) -> Path:
@@ -26,9 +25,20 @@ def choose_run_dir(cfg: dict, accelerator, fallback: Path | None = None) -> Path
     if cfg["output_dir"]:
         return Path(cfg["output_dir"]).expanduser().absolute()
     choice = [str((fallback or default_run_dir()).absolute())]
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1:  # after Accelerator(): the process group exists
         broadcast_object_list(choice, from_process=0)
     return Path(choice[0])
+
+
+def _from_rank0(accelerator, value):
+    """rank 0's value on every rank (a collective, so also a barrier)."""
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        return value
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def _write_config(run_dir: Path, cfg: dict) -> None:
@@ -52,12 +62,13 @@ def _check_resume_config(run_dir: Path, cfg: dict) -> None:
 
 def validate_and_sample(trainer, metrics) -> None:
     """Sample grid with the EMA weights (always restored) and the fixed-noise validation loss."""
+    from difftrain.engine.distributed import eval_model
     from difftrain.engine.sampling import save_grid, validation_loss
 
+    model = eval_model(trainer)  # every rank: under ZeRO-3 this gathers the weights to rank 0
     if not trainer.is_main:
         return
     v, bundle, data = trainer.cfg["validation"], trainer.bundle, trainer.data
-    model = trainer.unwrapped
     was_training = model.training
     model.eval()
 
@@ -86,21 +97,21 @@ class _nullcontext:
         return False
 
 
-def export_final(trainer) -> Path:
+def export_final(trainer, model=None) -> Path:
     """Write the diffusers-format outputs of the run into final/ (the model family decides the layout)."""
     final = trainer.run_dir / "final"
-    trainer.bundle.export(final, trainer.unwrapped, trainer.ema, trainer.schedule)
+    trainer.bundle.export(final, model if model is not None else trainer.unwrapped, trainer.ema, trainer.schedule)
     return final
 
 
-def evaluate(trainer) -> dict | None:
+def evaluate(trainer, model=None) -> dict | None:
     """Digits-classifier accuracy on class-conditional samples (digits data only)."""
     from difftrain.engine.sampling import evaluate_digits
 
     e, data = trainer.cfg["eval"], trainer.cfg["data"]
     if data["name"] != "digits" or not trainer.data.num_classes:
         return None
-    model = trainer.unwrapped
+    model = model if model is not None else trainer.unwrapped
     model.eval()
     swap = trainer.ema.swapped(model) if trainer.ema is not None else _nullcontext()
     with swap:
@@ -110,6 +121,7 @@ def evaluate(trainer) -> dict | None:
 
 def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     """Train, export and evaluate; returns the summary written to summary.json."""
+    from difftrain.engine.distributed import eval_model
     from difftrain.engine.trainer import Trainer
 
     started = time.perf_counter()
@@ -122,20 +134,27 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
                             "pass the folder of the run to continue")
         resume_from = ckpt.resolve_resume(cfg["resume"], run_dir)
         _check_resume_config(run_dir, cfg)
+    problem = None
     if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resuming=bool(cfg["resume"]))
-        ckpt.remove_stale(run_dir / "checkpoints")
-        _write_config(run_dir, cfg)
-    accelerator.wait_for_everyone()
+        try:
+            prepare_run_dir(run_dir, resuming=bool(cfg["resume"]))
+            ckpt.remove_stale(run_dir / "checkpoints")
+            _write_config(run_dir, cfg)
+        except UserError as exc:
+            problem = str(exc)
+    problem = _from_rank0(accelerator, problem)  # every rank stops with rank 0's error (no rank left waiting)
+    if problem is not None:
+        raise UserError(problem)
     trainer = Trainer(cfg, run_dir, accelerator, resume_from)
     start_step = trainer.step
     trainer.fit(on_validate=validate_and_sample)
     summary = {"run_dir": str(run_dir), "steps": trainer.step, "resumed_from_step": start_step or None,
-               "seconds": round(time.perf_counter() - started, 2)}
+               "seconds": round(time.perf_counter() - started, 2), "world_size": accelerator.num_processes}
+    model = eval_model(trainer)  # every rank: under ZeRO-3 this gathers the weights to rank 0
     if accelerator.is_main_process:
-        export_final(trainer)
+        export_final(trainer, model)
         if cfg["eval"]["enabled"]:
-            result = evaluate(trainer)
+            result = evaluate(trainer, model)
             if result is not None:
                 summary["eval"] = result
                 (run_dir / "eval.json").write_text(json.dumps(result, indent=2))

@@ -17,6 +17,7 @@ import torch
 from difftrain import registry
 from difftrain.components.seeding import seed_for, set_seed
 from difftrain.engine import checkpoint as ckpt
+from difftrain.engine import distributed as dist
 from difftrain.engine.data import BatchOrder
 from difftrain.engine.run_files import MetricsLog, Progress
 from difftrain.errors import TrainingDiverged
@@ -39,6 +40,9 @@ class Trainer:
         self.weighting = registry.build("loss_weighting", cfg["loss_weighting"])
         self.dream = registry.build("dream", cfg["dream"])
         self.bundle = registry.build("model", cfg["model"])
+        schedule = self.bundle.training_schedule(cfg["scheduler"])  # pretrained pipelines bring their own
+        self.schedule = schedule if schedule is not None else self.schedule
+        self.bundle.prepare(cfg, self.data, run_dir, accelerator)  # dtypes, adapters, caches
         model = self.bundle.model
         if self.tcfg["gradient_checkpointing"]:
             model.enable_gradient_checkpointing()
@@ -46,6 +50,8 @@ class Trainer:
         self.lr_scheduler = registry.build("lr_scheduler", cfg["lr_scheduler"], optimizer=optimizer,
                                            max_steps=self.tcfg["max_steps"])
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.engine, self.deepspeed = dist.engine_name(accelerator), dist.is_deepspeed(accelerator)
+        dist.cast_half_inputs(accelerator, self.unwrapped)
         ema_factory = registry.build("ema", cfg["ema"])
         self.ema = ema_factory(self.unwrapped) if ema_factory is not None else None
         self.order = BatchOrder(len(self.data), self.tcfg["batch_size"], self.tcfg["grad_accum"],
@@ -64,7 +70,7 @@ class Trainer:
         """Inputs of one micro-batch, every draw from a generator of (seed, rank, step, micro)."""
         _, indices = self.order.indices(self.step, micro, self.rank)
         gen = torch.Generator().manual_seed(seed_for(self.seed, self.rank, f"batch/{self.step}/{micro}"))
-        x0, cond = self.bundle.inputs(self.data.batch(indices, gen), self.device)
+        x0, cond = self.bundle.inputs(self.data.batch(indices, gen), self.device, generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
         ncfg = self.cfg["noise"]
         if ncfg["offset"]:
@@ -102,8 +108,9 @@ class Trainer:
                 self.acc.backward(loss)
                 total += loss.detach()
         grad_norm = None
-        if self.tcfg["max_grad_norm"] is not None:
-            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.tcfg["max_grad_norm"]))
+        if self.tcfg["max_grad_norm"] is not None:  # DeepSpeed clips inside its step and returns the norm
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.tcfg["max_grad_norm"])
+            grad_norm = None if norm is None else float(norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -163,17 +170,22 @@ class Trainer:
         root = self.run_dir / "checkpoints"
         self.acc.wait_for_everyone()
         final = None
+        tmp = ckpt.begin(root, self.step) if self.is_main else ckpt.tmp_dir_for(root, self.step)
+        weights = self.bundle.checkpoint_tensors(self.unwrapped) if self.is_main and not self.deepspeed else None
+        if self.deepspeed:  # collective: every rank writes its engine shards into tmp before rank 0 publishes
+            self.acc.wait_for_everyone()
+            weights = dist.save_deepspeed(self, tmp)
         if self.is_main:
-            tmp = ckpt.begin(root, self.step)
-            ckpt.write_tensors(tmp, "model.safetensors", self.unwrapped.state_dict())
-            ckpt.write_torch(tmp, "optimizer.pt", self.optimizer.state_dict())
+            ckpt.write_tensors(tmp, "model.safetensors", weights)
+            if not self.deepspeed:  # DeepSpeed's optimizer state is in tmp/deepspeed/
+                ckpt.write_torch(tmp, "optimizer.pt", self.optimizer.state_dict())
             ckpt.write_torch(tmp, "lr_scheduler.pt", self.lr_scheduler.state_dict())
             if self.ema is not None:
                 tensors, meta = self.ema.checkpoint_state()
                 ckpt.write_tensors(tmp, "ema.safetensors", tensors)
                 ckpt.write_json(tmp / "ema.json", meta)
             ckpt.write_json(tmp / "trainer_state.json", {
-                "step": self.step, "world_size": self.world, "seed": self.seed,
+                "step": self.step, "world_size": self.world, "seed": self.seed, "engine": self.engine,
                 "batch_size": self.tcfg["batch_size"], "grad_accum": self.tcfg["grad_accum"],
                 "interval_loss": self.interval["loss"].hex(), "interval_count": self.interval["count"],
             })
@@ -186,6 +198,9 @@ class Trainer:
         from difftrain.errors import UserError
 
         state = ckpt.read_json(path, "trainer_state.json")
+        if state.get("engine", "ddp") != self.engine:
+            raise UserError(f"checkpoint '{path}' was written with distributed={state.get('engine', 'ddp')} but "
+                            f"this run uses {self.engine}; resume with the distributed option it was written with")
         for key, now in (("world_size", self.world), ("batch_size", self.tcfg["batch_size"]),
                          ("grad_accum", self.tcfg["grad_accum"]), ("seed", self.seed)):
             if state.get(key) != now:
@@ -193,8 +208,11 @@ class Trainer:
                                 f"{key}={now}; resume with the same {key} (exact resume replays the same "
                                 "batches), or start a new run")
         try:
-            self.unwrapped.load_state_dict(ckpt.read_tensors(path, "model.safetensors"))
-            self.optimizer.load_state_dict(ckpt.read_torch(path, "optimizer.pt"))
+            if self.deepspeed:  # every rank loads its shards of model and optimizer
+                dist.load_deepspeed(self, path)
+            else:
+                self.bundle.load_checkpoint_tensors(self.unwrapped, ckpt.read_tensors(path, "model.safetensors"))
+                self.optimizer.load_state_dict(ckpt.read_torch(path, "optimizer.pt"))
             self.lr_scheduler.load_state_dict(ckpt.read_torch(path, "lr_scheduler.pt"))
             if self.ema is not None:
                 self.ema.load_checkpoint_state(ckpt.read_tensors(path, "ema.safetensors"),

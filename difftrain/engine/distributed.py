@@ -1,0 +1,270 @@
+"""One run, many processes: the Accelerator of the `distributed` group, and what DeepSpeed changes.
+
+Launchers (`accelerate launch`, `torchrun`, `deepspeed`, SLURM `srun` + torchrun) start N copies of
+`difftrain train`; each builds the same Accelerator here. The engines are accelerate's: torch DDP
+(`distributed=ddp`) or DeepSpeed ZeRO through `DeepSpeedPlugin` (`distributed=deepspeed_zero2|3`), with
+the DeepSpeed config written from the YAML. What the trainer needs to know about the engine lives here:
+
+* checkpoints: DeepSpeed's engine state is saved by every rank into the checkpoint's temporary folder
+  (`engine.save_checkpoint`, collective) before rank 0 publishes it; DDP state is saved by rank 0 alone;
+* ZeRO-3: parameters are partitions, so validation/export run on a plain copy that every rank helps
+  gather (one collective), and only rank 0 uses;
+* DeepSpeed half precision: the module itself is cast, so floating inputs are cast to match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+from difftrain.errors import UserError
+
+DS_TAG = "deepspeed"  # the engine-state subfolder inside checkpoint-N/
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    api = getattr(torch, "accelerator", None)
+    return bool(api.is_available()) if api is not None else torch.cuda.is_available()
+
+
+def _handlers(backend: str | None, timeout_s: int) -> list:
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_s))]
+
+
+def ddp_plugins(name: str, backend: str | None = None, timeout_s: int = 1800,
+                find_unused_parameters: bool = False, trainer: dict | None = None) -> dict:
+    """Accelerator kwargs for `distributed=ddp`.
+
+    accelerate picks gloo/MULTI_CPU only when told the run is on CPU: without that, `torchrun` on a machine
+    without accelerators would start N independent single-process runs that all believe they are rank 0.
+    """
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = _handlers(backend, timeout_s)
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    cpu = bool(trainer and trainer["cpu"]) or (launched_world_size() > 1 and not has_accelerator())
+    return {"kwargs_handlers": handlers, "cpu": cpu}
+
+
+def deepspeed_config(opts: dict, trainer: dict, world_size: int) -> dict:
+    """The DeepSpeed JSON config of one run: ZeRO keys from `distributed`, the rest from `trainer`."""
+    stage = opts["zero_stage"]
+    zero: dict = {"stage": stage, "overlap_comm": opts["overlap_comm"],
+                  "contiguous_gradients": opts["contiguous_gradients"],
+                  "reduce_bucket_size": opts["reduce_bucket_size"]}
+    if stage < 3:
+        zero["allgather_bucket_size"] = opts["allgather_bucket_size"]
+    else:
+        zero.update(stage3_prefetch_bucket_size=opts["stage3_prefetch_bucket_size"],
+                    stage3_param_persistence_threshold=opts["stage3_param_persistence_threshold"],
+                    stage3_gather_16bit_weights_on_model_save=True)  # full weights for export/validation
+    for key in ("offload_optimizer", "offload_param"):
+        if opts[key] != "none":
+            zero[key] = {"device": opts[key], "pin_memory": has_accelerator()}
+            if opts[key] == "nvme":
+                zero[key]["nvme_path"] = opts["nvme_path"]
+    batch, accum, mp = trainer["batch_size"], trainer["grad_accum"], trainer["mixed_precision"]
+    return {
+        "train_micro_batch_size_per_gpu": batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": batch * accum * world_size,
+        "gradient_clipping": float(trainer["max_grad_norm"] or 0.0),  # DeepSpeed clips; 0 = off
+        "bf16": {"enabled": mp == "bf16"},
+        "fp16": {"enabled": mp == "fp16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": opts["cpu_optimizer"],
+        "wall_clock_breakdown": False,
+    }
+
+
+def _single_process_env() -> None:
+    """DeepSpeed always runs in a process group: give a launcher-less run a group of one."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
+def _skip_cpu_inference_comm_op() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce op when the process group starts (over a
+    minute on 2 cores). Only `inference_all_reduce` uses it, never training; mark it unavailable so the
+    build is skipped and the gloo collectives are used."""
+    with contextlib.suppress(ImportError, AttributeError, TypeError):  # another layout: the op is simply built
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def deepspeed_plugins(name: str, trainer: dict | None = None, timeout_s: int = 1800, **opts) -> dict:
+    """Accelerator kwargs for `distributed=deepspeed_*`: a DeepSpeedPlugin with the generated config."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        raise UserError("DeepSpeed does not run with `accelerate launch --cpu`: drop --cpu (on a machine "
+                        "without GPUs DeepSpeed picks its CPU accelerator itself)")
+    _single_process_env()
+    on_cpu = not has_accelerator()
+    if on_cpu:
+        _skip_cpu_inference_comm_op()
+    config = deepspeed_config(opts, trainer, launched_world_size())
+    plugin = DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
+    # accelerate only knows nccl & co. for DeepSpeed; on CPU the process group must be told to use gloo
+    return {"deepspeed_plugin": plugin, "kwargs_handlers": _handlers("gloo" if on_cpu else None, timeout_s),
+            "cpu": False}
+
+
+def make_accelerator(cfg: dict):
+    """The run's Accelerator; fails clearly when the processes did not join one process group."""
+    from accelerate import Accelerator
+
+    from difftrain import registry
+
+    t, name = cfg["trainer"], cfg["distributed"]["name"]
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not name.startswith("deepspeed"):
+        raise UserError("the launcher asks for DeepSpeed (accelerate launch --use_deepspeed) but the config has "
+                        f"distributed={name}; choose distributed=deepspeed_zero2 or deepspeed_zero3 instead "
+                        "(difftrain writes the DeepSpeed config from its YAML) and launch without --use_deepspeed")
+    kwargs = registry.build("distributed", cfg["distributed"], trainer=t)
+    accelerator = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"],
+                              step_scheduler_with_optimizer=False, **kwargs)
+    if accelerator.num_processes != launched_world_size():
+        raise UserError(f"the launcher started {launched_world_size()} processes but accelerate joined "
+                        f"{accelerator.num_processes}; on a machine without GPUs use `accelerate launch --cpu` "
+                        "or set trainer.cpu=true")
+    return accelerator
+
+
+def engine_name(accelerator) -> str:
+    """'ddp' or 'deepspeed_zero<stage>': recorded in every checkpoint, checked on resume."""
+    if not is_deepspeed(accelerator):
+        return "ddp"
+    return f"deepspeed_zero{accelerator.state.deepspeed_plugin.deepspeed_config['zero_optimization']['stage']}"
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_zero3(accelerator) -> bool:
+    return engine_name(accelerator) == "deepspeed_zero3"
+
+
+# ---- DeepSpeed checkpoints and full weights -------------------------------------------------------
+def half_dtype(accelerator):
+    """torch dtype DeepSpeed casts the module to (bf16/fp16), or None (fp32 or not DeepSpeed)."""
+    import torch
+
+    if not is_deepspeed(accelerator):
+        return None
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    return torch.bfloat16 if ds["bf16"]["enabled"] else torch.float16 if ds["fp16"]["enabled"] else None
+
+
+def full_weights(trainer) -> dict | None:
+    """The module's full state dict on rank 0 (None elsewhere). Every rank must call this under DeepSpeed:
+    ZeRO-3 gathers the partitions, and with bf16/fp16 the trainable weights are DeepSpeed's fp32 master
+    copies (`safe_get_full_fp32_param`), not the rounded module weights."""
+    acc = trainer.acc
+    if not is_deepspeed(acc):
+        return trainer.unwrapped.state_dict() if trainer.is_main else None
+    state = acc.get_state_dict(trainer.model)  # collective under ZeRO-3
+    if half_dtype(acc) is not None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in trainer.unwrapped.named_parameters():  # same order on every rank
+            if param.requires_grad:
+                full = safe_get_full_fp32_param(param)  # collective under ZeRO-3
+                if trainer.is_main and full is not None:
+                    state[name] = full.detach().float().cpu()
+    return state if trainer.is_main else None
+
+
+def save_deepspeed(trainer, tmp: Path) -> dict | None:
+    """Collective: every rank writes its engine shards into tmp/deepspeed; returns the full fp32-or-native
+    weights on rank 0 (for model.safetensors), None elsewhere."""
+    trainer.model.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    return full_weights(trainer)
+
+
+def load_deepspeed(trainer, path: Path) -> None:
+    """Every rank loads its own shards (model, optimizer); the LR schedule is difftrain's own."""
+    if not (path / DS_TAG).is_dir():
+        raise UserError(f"checkpoint '{path}' holds no DeepSpeed engine state ({DS_TAG}/); resume it with the "
+                        "distributed option it was written with")
+    loaded, _ = trainer.model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"DeepSpeed could not load the engine state in '{path / DS_TAG}'")
+
+
+# ---- models for rank-0 work -------------------------------------------------------------------------
+def eval_model(trainer):
+    """The module rank 0 validates, evaluates and exports. Every rank must call this. Under ZeRO-3 (weights
+    partitioned) or DeepSpeed bf16/fp16 (module weights rounded) the full fp32 weights are gathered into a
+    plain copy kept on rank 0 (the other ranks get None); otherwise it is the unwrapped model itself."""
+    if not (is_zero3(trainer.acc) or half_dtype(trainer.acc) is not None):
+        return trainer.unwrapped
+    state = full_weights(trainer)
+    if not trainer.is_main:
+        return None
+    plain = getattr(trainer, "_plain_copy", None)
+    if plain is None:
+        module = trainer.unwrapped
+        if not hasattr(type(module), "from_config"):
+            raise UserError("validation and export under ZeRO-3 or DeepSpeed half precision need a diffusers "
+                            "model (with from_config)")
+        plain = type(module).from_config(module.config).to(trainer.device)
+        trainer._plain_copy = plain
+    plain.load_state_dict(state)
+    return plain
+
+
+def cast_half_inputs(accelerator, module) -> object | None:
+    """DeepSpeed bf16/fp16 casts the module itself (accelerate's autocast is off under DeepSpeed): cast
+    floating inputs with two or more dims (samples, hidden states) to the module's dtype. Timesteps (0-d/1-d)
+    keep full precision (bf16 cannot represent 999)."""
+    import torch
+
+    dtype = half_dtype(accelerator)
+    if dtype is None:
+        return None
+
+    def cast(x):
+        return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() and x.ndim >= 2 else x
+
+    def hook(_module, args, kwargs):
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps process-wide singletons; sequential jobs of a sweep start from a clean slate."""
+    import sys
+
+    if "accelerate" not in sys.modules or launched_world_size() > 1:
+        return
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
