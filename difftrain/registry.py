@@ -12,9 +12,10 @@ entry point refers to a callable that is called once with no arguments and calls
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Mapping
+from typing import Any
 
 ENTRY_POINT_GROUP = "difftrain.components"
 

@@ -15,7 +15,7 @@ target + delta), and extends it to v_prediction, sample prediction and flow matc
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

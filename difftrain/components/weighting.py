@@ -13,7 +13,10 @@ import torch
 
 from difftrain.components.noise_schedules import NoiseSchedule
 from difftrain.components.snr import min_snr_weight
-from difftrain.components.timesteps import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from difftrain.components.timesteps import (
+    compute_density_for_timestep_sampling,
+    compute_loss_weighting_for_sd3,
+)
 
 
 @dataclass(frozen=True)

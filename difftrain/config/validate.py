@@ -103,7 +103,7 @@ def validate(cfg: dict) -> dict:
         if checked is not None:
             out[group] = checked
             options[group] = entry.schema(**checked)
-    for group, instance in options.items():  # cross-key checks, with the whole config in view
+    for instance in options.values():  # cross-key checks, with the whole config in view
         check = getattr(instance, "check", None)
         if check is not None:
             errors.extend(check(out))

@@ -79,8 +79,8 @@ class MetricsLog:
     def image(self, tag: str, png_path: Path, step: int) -> None:
         if not self.enabled:
             return
-        from PIL import Image
         import numpy as np
+        from PIL import Image
 
         with Image.open(png_path) as im:
             self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
@@ -98,8 +98,8 @@ class Progress:
         self.start_time, self.start_step = time.perf_counter(), start
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
-        from rich.progress import TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
         self.bar = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]}"),

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 
-
 def inference_scheduler(schedule, steps: int):
     """DDIM for DDPM-family training schedules, flow-matching Euler for SD3-style ones."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
