@@ -148,5 +148,7 @@ class SweepSummary(Callback):
         LAST_SUMMARY.clear()
         LAST_SUMMARY.update(summary)
         console = Console()
+        if not console.is_terminal:  # piped or logged: do not fold the overrides at 80 columns
+            console = Console(width=160)
         console.print(rich_table(rows, f"sweep {sweep_dir} ({summary['failed']} of {len(rows)} failed)"))
         console.print(f"summary: {sweep_dir / 'sweep_summary.csv'}; plots: difftrain report {sweep_dir}")

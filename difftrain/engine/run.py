@@ -139,13 +139,14 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
         try:
             prepare_run_dir(run_dir, resuming=bool(cfg["resume"]))
             ckpt.remove_stale(run_dir / "checkpoints")
-            _write_config(run_dir, cfg)
         except UserError as exc:
             problem = str(exc)
     problem = _from_rank0(accelerator, problem)  # every rank stops with rank 0's error (no rank left waiting)
     if problem is not None:
         raise UserError(problem)
     trainer = Trainer(cfg, run_dir, accelerator, resume_from)
+    if accelerator.is_main_process:  # only once everything is built: a load error leaves no "run" behind
+        _write_config(run_dir, cfg)
     start_step = trainer.step
     trainer.fit(on_validate=validate_and_sample)
     summary = {"run_dir": str(run_dir), "steps": trainer.step, "resumed_from_step": start_step or None,

@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import TINY
+from conftest import TINY  # noqa: E402
 
 # 2 processes x batch 4 = the global batch 8 of TINY; 12 steps, a checkpoint every 4
 RUN = ["trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.checkpoints_total_limit=null"]

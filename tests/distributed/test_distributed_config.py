@@ -47,7 +47,7 @@ def test_meaningless_distributed_settings_are_rejected(tmp_path, overrides, mess
 def test_local_rank_argument_becomes_an_environment_variable(monkeypatch):
     from difftrain.cli.main import strip_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"})
     assert strip_local_rank(["--local_rank=1", "train", "seed=3"]) == ["train", "seed=3"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_local_rank(["train", "--local-rank", "0", "seed=3"]) == ["train", "seed=3"]

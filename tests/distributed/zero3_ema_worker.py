@@ -12,11 +12,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-import torch
-from conftest import tiny_config
+import torch  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
-from difftrain.engine.run import run_training
-from difftrain.engine.trainer import Trainer
+from difftrain.engine.run import run_training  # noqa: E402
+from difftrain.engine.trainer import Trainer  # noqa: E402
 
 
 def gathered(params) -> list[torch.Tensor]:
