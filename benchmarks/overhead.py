@@ -94,7 +94,7 @@ def cli_timings(tmp: Path) -> tuple[float, float]:
     run = tmp / "first"
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "difftrain", "train", f"output_dir={run}", "trainer.log_every=1",
-                             "trainer.max_steps=50", "trainer.progress=false", "eval.enabled=false"],
+                             "trainer.max_steps=500", "trainer.progress=false", "eval.enabled=false"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
         if proc.poll() is not None:
