@@ -11,58 +11,20 @@ import random
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers import training_utils as upstream
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from difftrain.components import interpolation, lora, seeding, snr, timesteps
+
+from .tiny_models import lora_unet, tiny_text_encoder
 
 U_MAX = 1.0 - 2.0**-24
 
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def _text_encoder():
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        hidden_size=8,
-        intermediate_size=16,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=1000,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    model = CLIPTextModel(config)
-    targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
-    inject_adapter_in_model(
-        LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=targets), model
-    )
-    return model
-
-
-def _lora_unet():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        norm_num_groups=2,
-        layers_per_block=1,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        sample_size=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    unet.requires_grad_(False)
-    targets = ["to_k", "to_q", "to_v", "to_out.0"]
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=targets))
-    return unet
 
 
 # ----------------------------------------------------------------------------------------------- equal
@@ -180,7 +142,7 @@ def test_equal_cast_training_params():
 
 
 def test_equal_lora_adapter_metadata():
-    unet = _lora_unet()
+    unet = lora_unet()
     assert lora.lora_adapter_metadata({"unet": unet, "te": None}) == upstream._collate_lora_metadata(
         {"unet": unet, "te": None}
     )
@@ -240,7 +202,7 @@ def test_difference_compute_snr_flow_matching_raises_value_error():
 
 
 def test_difference_unet_lora_state_dict_nonempty_with_peft():
-    unet = _lora_unet()
+    unet = lora_unet()
     assert upstream.unet_lora_state_dict(unet) == {}
     ours = lora.unet_lora_state_dict(unet)
     assert len(ours) == 64 and all(".lora.down." in k or ".lora.up." in k for k in ours)
@@ -257,7 +219,7 @@ def test_difference_unet_lora_state_dict_without_adapter_raises():
 def test_difference_text_encoder_prefix_stripped_only_at_start():
     # upstream strips with str.replace, so every occurrence of the prefix goes, not only the leading one:
     # with prefix "encoder." the key "encoder.encoder.layers.0..." becomes "layers.0..." and nothing loads.
-    source, theirs, ours = (_text_encoder() for _ in range(3))
+    source, theirs, ours = (tiny_text_encoder() for _ in range(3))
     with torch.no_grad():
         for model in (theirs, ours):
             for name, param in model.named_parameters():
