@@ -13,6 +13,8 @@ from difftrain.registry import register
 
 C = "difftrain.components"
 E = "difftrain.engine"
+D = "difftrain.data"
+F = "difftrain.families"
 
 # scheduler: the diffusion formulation (what x_t and the target are)
 register("scheduler", "ddpm", f"{C}.noise_schedules:build_schedule", "DDPM, epsilon prediction",
@@ -44,7 +46,7 @@ register("loss_weighting", "min_snr", f"{C}.weighting:build_loss_weighting",
 for mode, blurb in (("bilinear", "bilinear"), ("bicubic", "bicubic"), ("box", "box (PIL only)"),
                     ("nearest", "nearest (PIL-compatible legacy)"), ("nearest_exact", "nearest, exact"),
                     ("hamming", "Hamming (PIL only)"), ("lanczos", "Lanczos (PIL only; diffusers' default)")):
-    register("interpolation", mode, f"{C}.interpolation:resolve_interpolation_mode", f"{blurb} resize filter",
+    register("interpolation", mode, f"{C}.interpolation:build_interpolation", f"{blurb} resize filter",
              s.InterpolationConfig)
 
 # dream: DREAM noise rectification
@@ -60,11 +62,11 @@ register("ema", "ema_warmup", f"{C}.ema_factory:build_ema",
          "EMA with power warm-up 1-(1+k/inv_gamma)^-power (diffusers' unconditional script)", s.EMAConfig)
 
 # model, data, optimizer, lr_scheduler (engine side)
-register("model", "unet2d", f"{E}.models:build_unet2d", "UNet2DModel, class-conditional, built or loaded",
+register("model", "unet2d", f"{F}.unet2d:build_unet2d", "UNet2DModel, class-conditional, built or loaded",
          s.UNet2DConfig)
-register("data", "digits", f"{E}.data:build_digits",
+register("data", "digits", f"{D}.sources:build_digits",
          "UCI handwritten digits shipped with scikit-learn (1,797 8x8 images, 10 classes)", s.DigitsDataConfig)
-register("data", "imagefolder", f"{E}.data:build_imagefolder",
+register("data", "imagefolder", f"{D}.sources:build_imagefolder",
          "a folder of images; class subfolders give labels; captions from metadata.jsonl or .txt files",
          s.ImageFolderDataConfig)
 register("optimizer", "adamw", f"{E}.optim:build_optimizer", "torch.optim.AdamW", s.AdamWConfig)
@@ -76,24 +78,24 @@ for sched in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
              f"diffusers.optimization '{sched}' schedule with linear warm-up", s.LRSchedulerConfig)
 
 # distributed: how the processes of one run share the work (accelerate builds the engine)
-register("distributed", "ddp", f"{E}.distributed:ddp_plugins",
+register("distributed", "ddp", f"{E}.distributed:ddp_accelerator_kwargs",
          "accelerate with torch DDP (also the single-process case); gloo on CPU, nccl on GPUs", sd.DDPConfig)
-register("distributed", "deepspeed_zero2", f"{E}.distributed:deepspeed_plugins",
+register("distributed", "deepspeed_zero2", f"{E}.distributed:deepspeed_accelerator_kwargs",
          "DeepSpeed ZeRO-2 through accelerate: optimizer state and gradients sharded", sd.DeepSpeedConfig)
-register("distributed", "deepspeed_zero3", f"{E}.distributed:deepspeed_plugins",
+register("distributed", "deepspeed_zero3", f"{E}.distributed:deepspeed_accelerator_kwargs",
          "DeepSpeed ZeRO-3 through accelerate: parameters sharded too (EMA gathered in bounded groups)",
          sd.DeepSpeedConfig)
 
 # latent text-to-image families (pretrained diffusers pipelines), their data source and LoRA
-register("model", "sd15", f"{E}.families.sd15:build_sd15",
+register("model", "sd15", f"{F}.sd15:build_sd15",
          "Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel, CLIP, VAE) from a hub id or folder",
          t.SD15ModelConfig)
-register("model", "sd3", f"{E}.families.sd3:build_sd3",
+register("model", "sd3", f"{F}.sd3:build_sd3",
          "Stable Diffusion 3 pipeline (SD3Transformer2DModel, 2 CLIP + T5, VAE), rectified flow", t.SD3ModelConfig)
-register("data", "hf", f"{E}.families.t2i_data:build_hf",
+register("data", "hf", f"{D}.sources:build_hf",
          "a Hugging Face `datasets` dataset (hub id, save_to_disk folder or local folder) of images and captions",
          t.HFDataConfig)
-register("lora", "off", f"{E}.families.lora:build_lora", "train the full denoiser", t.LoraOffConfig)
-register("lora", "on", f"{E}.families.lora:build_lora",
+register("lora", "off", f"{F}.lora:build_lora", "train the full denoiser", t.LoraOffConfig)
+register("lora", "on", f"{F}.lora:build_lora",
          "LoRA adapters (peft) on the denoiser, optionally the CLIP text encoders; saved in diffusers' LoRA format",
          t.LoraOnConfig)

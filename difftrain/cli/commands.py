@@ -78,7 +78,8 @@ def sample_command(args: list[str]) -> int:
     """Write a grid PNG of samples from a finished run (EMA weights)."""
     import torch
 
-    from difftrain.engine.sampling import sample, save_grid
+    from difftrain.components.sampling import sample
+    from difftrain.engine.sampling import save_grid
 
     parser = argparse.ArgumentParser(prog="difftrain sample", description=sample_command.__doc__)
     parser.add_argument("run_dir")

@@ -27,7 +27,7 @@ def t2i_family(run_dir: str) -> str | None:
 def load_pipeline(run_dir: Path, cfg: dict, device: str, dtype):
     from diffusers import DiffusionPipeline
 
-    from difftrain.engine.families.loading import null_components, resolve_source
+    from difftrain.families.loading import null_components, resolve_source
 
     final = run_dir / "final"
     lora_file = final / "pytorch_lora_weights.safetensors"

@@ -80,3 +80,8 @@ def resize(image, size, mode="bilinear"):
     if isinstance(size, int):
         size = [size]
     return TF.resize(image, list(size), interpolation=resolve_interpolation_mode(name), antialias=True)
+
+
+def build_interpolation(name: str):
+    """Registry target of the `interpolation` group: the torchvision mode of option `name`."""
+    return resolve_interpolation_mode(name)

@@ -1,15 +1,10 @@
-"""One run, many processes: the Accelerator of the `distributed` group, and what DeepSpeed changes.
+"""One run, many processes: the Accelerator of the `distributed` group (DDP or DeepSpeed).
 
 Launchers (`accelerate launch`, `torchrun`, `deepspeed`, SLURM `srun` + torchrun) start N copies of
 `difftrain train`; each builds the same Accelerator here. The engines are accelerate's: torch DDP
 (`distributed=ddp`) or DeepSpeed ZeRO through `DeepSpeedPlugin` (`distributed=deepspeed_zero2|3`), with
-the DeepSpeed config written from the YAML. What the trainer needs to know about the engine lives here:
-
-* checkpoints: DeepSpeed's engine state is saved by every rank into the checkpoint's temporary folder
-  (`engine.save_checkpoint`, collective) before rank 0 publishes it; DDP state is saved by rank 0 alone;
-* ZeRO-3: parameters are partitions, so validation/export run on a plain copy that every rank helps
-  gather (one collective), and only rank 0 uses;
-* DeepSpeed half precision: the module itself is cast, so floating inputs are cast to match.
+the DeepSpeed config written from the YAML. How each engine saves, loads and gathers weights is in
+engine/strategies.py.
 """
 
 from __future__ import annotations
@@ -18,11 +13,7 @@ import contextlib
 import os
 import socket
 from datetime import timedelta
-from pathlib import Path
-
 from difftrain.errors import UserError
-
-DS_TAG = "deepspeed"  # the engine-state subfolder inside checkpoint-N/
 
 
 def launched_world_size() -> int:
@@ -43,7 +34,7 @@ def _handlers(backend: str | None, timeout_s: int) -> list:
     return [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_s))]
 
 
-def ddp_plugins(name: str, backend: str | None = None, timeout_s: int = 1800,
+def ddp_accelerator_kwargs(name: str, backend: str | None = None, timeout_s: int = 1800,
                 find_unused_parameters: bool = False, trainer: dict | None = None) -> dict:
     """Accelerator kwargs for `distributed=ddp`.
 
@@ -112,7 +103,7 @@ def _skip_cpu_inference_comm_op() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def deepspeed_plugins(name: str, trainer: dict | None = None, timeout_s: int = 1800, **opts) -> dict:
+def deepspeed_accelerator_kwargs(name: str, trainer: dict | None = None, timeout_s: int = 1800, **opts) -> dict:
     """Accelerator kwargs for `distributed=deepspeed_*`: a DeepSpeedPlugin with the generated config."""
     from accelerate.utils import DeepSpeedPlugin
 
@@ -149,112 +140,6 @@ def make_accelerator(cfg: dict):
                         f"{accelerator.num_processes}; on a machine without GPUs use `accelerate launch --cpu` "
                         "or set trainer.cpu=true")
     return accelerator
-
-
-def engine_name(accelerator) -> str:
-    """'ddp' or 'deepspeed_zero<stage>': recorded in every checkpoint, checked on resume."""
-    if not is_deepspeed(accelerator):
-        return "ddp"
-    return f"deepspeed_zero{accelerator.state.deepspeed_plugin.deepspeed_config['zero_optimization']['stage']}"
-
-
-def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def is_zero3(accelerator) -> bool:
-    return engine_name(accelerator) == "deepspeed_zero3"
-
-
-# ---- DeepSpeed checkpoints and full weights -------------------------------------------------------
-def half_dtype(accelerator):
-    """torch dtype DeepSpeed casts the module to (bf16/fp16), or None (fp32 or not DeepSpeed)."""
-    import torch
-
-    if not is_deepspeed(accelerator):
-        return None
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    return torch.bfloat16 if ds["bf16"]["enabled"] else torch.float16 if ds["fp16"]["enabled"] else None
-
-
-def full_weights(trainer) -> dict | None:
-    """The module's full state dict on rank 0 (None elsewhere). Every rank must call this under DeepSpeed:
-    ZeRO-3 gathers the partitions, and with bf16/fp16 the trainable weights are DeepSpeed's fp32 master
-    copies (`safe_get_full_fp32_param`), not the rounded module weights."""
-    acc = trainer.acc
-    if not is_deepspeed(acc):
-        return trainer.unwrapped.state_dict() if trainer.is_main else None
-    state = acc.get_state_dict(trainer.model)  # collective under ZeRO-3
-    if half_dtype(acc) is not None:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        for name, param in trainer.unwrapped.named_parameters():  # same order on every rank
-            if param.requires_grad:
-                full = safe_get_full_fp32_param(param)  # collective under ZeRO-3
-                if trainer.is_main and full is not None:
-                    state[name] = full.detach().float().cpu()
-    return state if trainer.is_main else None
-
-
-def save_deepspeed(trainer, tmp: Path) -> dict | None:
-    """Collective: every rank writes its engine shards into tmp/deepspeed; returns the full fp32-or-native
-    weights on rank 0 (for model.safetensors), None elsewhere."""
-    trainer.model.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-    return full_weights(trainer)
-
-
-def load_deepspeed(trainer, path: Path) -> None:
-    """Every rank loads its own shards (model, optimizer); the LR schedule is difftrain's own."""
-    if not (path / DS_TAG).is_dir():
-        raise UserError(f"checkpoint '{path}' holds no DeepSpeed engine state ({DS_TAG}/); resume it with the "
-                        "distributed option it was written with")
-    loaded, _ = trainer.model.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-    if loaded is None:
-        raise UserError(f"DeepSpeed could not load the engine state in '{path / DS_TAG}'")
-
-
-# ---- models for rank-0 work -------------------------------------------------------------------------
-def eval_model(trainer):
-    """The module rank 0 validates, evaluates and exports. Every rank must call this. Under ZeRO-3 (weights
-    partitioned) or DeepSpeed bf16/fp16 (module weights rounded) the full fp32 weights are gathered into a
-    plain copy kept on rank 0 (the other ranks get None); otherwise it is the unwrapped model itself."""
-    if not (is_zero3(trainer.acc) or half_dtype(trainer.acc) is not None):
-        return trainer.unwrapped
-    state = full_weights(trainer)
-    if not trainer.is_main:
-        return None
-    plain = getattr(trainer, "_plain_copy", None)
-    if plain is None:
-        module = trainer.unwrapped
-        if not hasattr(type(module), "from_config"):
-            raise UserError("validation and export under ZeRO-3 or DeepSpeed half precision need a diffusers "
-                            "model (with from_config)")
-        plain = type(module).from_config(module.config).to(trainer.device)
-        trainer._plain_copy = plain
-    plain.load_state_dict(state)
-    return plain
-
-
-def cast_half_inputs(accelerator, module) -> object | None:
-    """DeepSpeed bf16/fp16 casts the module itself (accelerate's autocast is off under DeepSpeed): cast
-    floating inputs with two or more dims (samples, hidden states) to the module's dtype. Timesteps (0-d/1-d)
-    keep full precision (bf16 cannot represent 999)."""
-    import torch
-
-    dtype = half_dtype(accelerator)
-    if dtype is None:
-        return None
-
-    def cast(x):
-        return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() and x.ndim >= 2 else x
-
-    def hook(_module, args, kwargs):
-        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def reset_accelerate_state() -> None:

@@ -1,4 +1,5 @@
-"""One training run from a validated config: folder, resume, loop, validation, export, evaluation."""
+"""One training run from a validated config: the run folder and resume checks, then setup (engine/setup.py),
+the loop (engine/trainer.py), export and evaluation (engine/evaluation.py), and summary.json."""
 
 from __future__ import annotations
 
@@ -9,13 +10,6 @@ from pathlib import Path
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.run_files import config_changes, default_run_dir, prepare_run_dir
 from difftrain.errors import UserError
-
-
-def make_accelerator(cfg: dict):
-    """accelerate with DDP or DeepSpeed, as the `distributed` group says (engine/distributed.py)."""
-    from difftrain.engine.distributed import make_accelerator as make
-
-    return make(cfg)
 
 
 def choose_run_dir(cfg: dict, accelerator, fallback: Path | None = None) -> Path:
@@ -60,68 +54,10 @@ def _check_resume_config(run_dir: Path, cfg: dict) -> None:
                         ". Resume with the original values (see config.yaml in the run folder) or start a new run")
 
 
-def validate_and_sample(trainer, metrics) -> None:
-    """Sample grid with the EMA weights (always restored) and the fixed-noise validation loss."""
-    from difftrain.engine.distributed import eval_model
-    from difftrain.engine.sampling import save_grid, validation_loss
-
-    model = eval_model(trainer)  # every rank: under ZeRO-3 this gathers the weights to rank 0
-    if not trainer.is_main:
-        return
-    v, bundle, data = trainer.cfg["validation"], trainer.bundle, trainer.data
-    was_training = model.training
-    model.eval()
-
-    def val_loss():
-        return validation_loss(bundle, model, trainer.schedule, data, v["loss_timesteps"], v["loss_batch_size"],
-                               v["seed"], trainer.device)
-
-    values = {"val_loss": val_loss()}
-    swap = trainer.ema.swapped(model) if trainer.ema is not None else _nullcontext()
-    with swap:
-        if trainer.ema is not None:
-            values["val_loss_ema"] = val_loss()
-        images, nrow = bundle.validation_images(model, trainer.schedule, data, v, trainer.device)
-    path = save_grid(images, trainer.run_dir / "samples" / f"step_{trainer.step:06d}.png", nrow=nrow,
-                     upscale=max(1, 64 // images.shape[-1]))
-    model.train(was_training)
-    metrics.log(trainer.step, values)
-    metrics.image("samples", path, trainer.step)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def export_final(trainer, model=None) -> Path:
-    """Write the diffusers-format outputs of the run into final/ (the model family decides the layout)."""
-    final = trainer.run_dir / "final"
-    trainer.bundle.export(final, model if model is not None else trainer.unwrapped, trainer.ema, trainer.schedule)
-    return final
-
-
-def evaluate(trainer, model=None) -> dict | None:
-    """Digits-classifier accuracy on class-conditional samples (digits data only)."""
-    from difftrain.engine.sampling import evaluate_digits
-
-    e, data = trainer.cfg["eval"], trainer.cfg["data"]
-    if data["name"] != "digits" or not trainer.data.num_classes:
-        return None
-    model = model if model is not None else trainer.unwrapped
-    model.eval()
-    swap = trainer.ema.swapped(model) if trainer.ema is not None else _nullcontext()
-    with swap:
-        return evaluate_digits(model, trainer.schedule, e["samples_per_label"], e["inference_steps"], e["seed"],
-                               trainer.device, data["resolution"], data["num_classes"])
-
-
 def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     """Train, export and evaluate; returns the summary written to summary.json."""
-    from difftrain.engine.distributed import eval_model
+    from difftrain.engine.distributed import make_accelerator
+    from difftrain.engine.setup import build_run
     from difftrain.engine.trainer import Trainer
 
     started = time.perf_counter()
@@ -144,21 +80,21 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     problem = _from_rank0(accelerator, problem)  # every rank stops with rank 0's error (no rank left waiting)
     if problem is not None:
         raise UserError(problem)
-    trainer = Trainer(cfg, run_dir, accelerator, resume_from)
+    parts = build_run(cfg, run_dir, accelerator)
+    trainer = Trainer(parts, cfg["trainer"], cfg["seed"], run_dir, resume_from)
     if accelerator.is_main_process:  # only once everything is built: a load error leaves no "run" behind
         _write_config(run_dir, cfg)
     start_step = trainer.step
-    trainer.fit(on_validate=validate_and_sample)
+    trainer.fit()
     summary = {"run_dir": str(run_dir), "steps": trainer.step, "resumed_from_step": start_step or None,
                "seconds": round(time.perf_counter() - started, 2), "world_size": accelerator.num_processes}
-    model = eval_model(trainer)  # every rank: under ZeRO-3 this gathers the weights to rank 0
+    model = parts.strategy.eval_copy()  # every rank: under ZeRO-3 this gathers the weights to rank 0
     if accelerator.is_main_process:
-        export_final(trainer, model)
-        if cfg["eval"]["enabled"]:
-            result = evaluate(trainer, model)
-            if result is not None:
-                summary["eval"] = result
-                (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        parts.evaluator.export(model, parts.ema)
+        result = parts.evaluator.evaluate(model, parts.ema)
+        if result is not None:
+            summary["eval"] = result
+            (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
         last = _last_metrics(run_dir)
         summary.update({k: last.get(k) for k in ("loss", "val_loss", "val_loss_ema") if k in last})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -64,7 +64,7 @@ def test_launcher_with_deepspeed_flag_needs_a_deepspeed_option(tmp_path, monkeyp
 
 def test_two_ranks_see_the_global_batch_of_one_process():
     """The batch of every step is the same 8 samples whether 1 process takes 8 or 2 processes take 4 each."""
-    from difftrain.engine.data import BatchOrder
+    from difftrain.data.order import BatchOrder
 
     one, two = BatchOrder(1797, 8, 2, 1, seed=0), BatchOrder(1797, 4, 2, 2, seed=0)
     for step in (0, 1, 111, 112, 500):  # across epoch boundaries too

@@ -84,7 +84,7 @@ def test_imagefolder_with_class_subfolders_trains(tmp_path):
                       "data.random_flip=true", "interpolation=lanczos", "trainer.max_steps=2")
     assert cfg["model"]["in_channels"] == 3 and cfg["model"]["num_class_embeds"] is None
     from difftrain.components.interpolation import resolve_interpolation_mode
-    from difftrain.engine.data import build_imagefolder
+    from difftrain.data.sources import build_imagefolder
 
     ds = build_imagefolder("imagefolder", str(data), resolution=8, interpolation=resolve_interpolation_mode("lanczos"))
     assert ds.images.shape == (12, 3, 8, 8) and ds.labels.tolist() == [0] * 6 + [1] * 6
@@ -94,7 +94,7 @@ def test_imagefolder_with_class_subfolders_trains(tmp_path):
 
 
 def test_imagefolder_errors_are_clear(tmp_path):
-    from difftrain.engine.data import build_imagefolder
+    from difftrain.data.sources import build_imagefolder
     from difftrain.errors import UserError
 
     (tmp_path / "empty").mkdir()

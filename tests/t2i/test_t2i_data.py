@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny_pipes import losses, one_thread, pipeline_dir, t2i_config, write_images
 
-from difftrain.engine.families import cache as caches
-from difftrain.engine.families.t2i_data import read_captions, require_captions
+from difftrain.data import cache as caches
+from difftrain.data.captions import read_captions, require_captions
 from difftrain.errors import UserError
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
@@ -21,7 +21,7 @@ def sd15(tmp_path_factory):
 
 
 def test_caption_sources_and_precedence(tmp_path):
-    from difftrain.engine.data import _list_images
+    from difftrain.data.sources import _list_images
 
     root = tmp_path / "photos"
     write_images(root / "dogs", n=2, captions="metadata")  # dogs/metadata.jsonl: img0, img1
@@ -49,7 +49,7 @@ def test_bad_metadata_is_a_user_error(tmp_path):
 
 def test_caption_dropout_is_drawn_from_the_step_generator(tmp_path):
     from difftrain.components.interpolation import resolve_interpolation_mode
-    from difftrain.engine.data import build_imagefolder
+    from difftrain.data.sources import build_imagefolder
 
     data = build_imagefolder("imagefolder", str(write_images(tmp_path / "p", n=8)), resolution=8,
                              caption_dropout=0.5, random_flip=True,

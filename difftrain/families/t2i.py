@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from difftrain.engine.families import cache as caches
-from difftrain.engine.families import lora as lora_io
-from difftrain.engine.families.t2i_data import require_captions
-from difftrain.engine.models import ModelBundle
+from difftrain.data import cache as caches
+from difftrain.families import lora as lora_io
+from difftrain.data.captions import require_captions
+from difftrain.families.unet2d import ModelBundle
 from difftrain.errors import UserError
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -68,7 +68,7 @@ class T2IBundle(ModelBundle):
     default_lora_targets: tuple[str, ...] = ()
 
     def __init__(self, source, index: dict, components: dict, model_cfg: dict, encode_fn, call_fn) -> None:
-        from difftrain.engine.families.loading import null_components
+        from difftrain.families.loading import null_components
 
         self.source, self.model_cfg = source, model_cfg
         self.null_components = null_components(index)  # passed as None when the pipeline is reloaded

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from difftrain.engine.families import lora as lora_io
-from difftrain.engine.families.loading import load_component, read_model_index, resolve_source
-from difftrain.engine.families.t2i import T2IBundle
+from difftrain.families import lora as lora_io
+from difftrain.families.loading import load_component, read_model_index, resolve_source
+from difftrain.families.t2i import T2IBundle
 
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 

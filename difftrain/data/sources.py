@@ -1,9 +1,7 @@
-"""Datasets and the replayable batch order.
+"""Data sources: digits (scikit-learn), a folder of images, a Hugging Face `datasets` dataset.
 
-The order of the data is a pure function of (seed, epoch): a permutation drawn from a generator
-seeded with both. The batch of optimizer step `s` is therefore computed from `s` alone, so resume
-needs no sampler state and can never replay or skip samples.
-"""
+Each builds an in-memory `ImageDataset` of images in [-1, 1], labels and captions; the batch of a
+step is drawn from it by index (data/order.py decides which indices)."""
 
 from __future__ import annotations
 
@@ -14,6 +12,7 @@ from pathlib import Path
 import torch
 
 from difftrain.components.seeding import seed_for
+from difftrain.data.transforms import load_image, resize_tensor
 from difftrain.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -53,18 +52,6 @@ class ImageDataset:
         return out
 
 
-def _resize_tensor(images: torch.Tensor, resolution: int, interpolation) -> torch.Tensor:
-    """Resize (N, C, H, W) float images in [0, 1] through PIL so every interpolation mode works."""
-    from torchvision.transforms import functional as TF
-
-    out = []
-    for img in images:
-        pil = TF.to_pil_image(img)
-        pil = TF.resize(pil, [resolution, resolution], interpolation=interpolation)
-        out.append(TF.pil_to_tensor(pil).float() / 255.0)
-    return torch.stack(out)
-
-
 def build_digits(name: str, resolution: int = 8, random_flip: bool = False, num_classes: int = 10,
                  channels: int = 1, interpolation=None, seed: int = 0) -> ImageDataset:
     """scikit-learn's bundled UCI digits: 1,797 8x8 images with values 0..16 (no download)."""
@@ -73,7 +60,7 @@ def build_digits(name: str, resolution: int = 8, random_flip: bool = False, num_
     digits = load_digits(n_class=num_classes)
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [0, 1]
     if resolution != images.shape[-1]:
-        images = _resize_tensor(images, resolution, interpolation)
+        images = resize_tensor(images, resolution, interpolation)
     labels = torch.tensor(digits.target, dtype=torch.long)
     return ImageDataset(images * 2.0 - 1.0, labels, num_classes, random_flip)
 
@@ -89,23 +76,6 @@ def _list_images(root: Path) -> list[tuple[Path, str | None]]:
     return files
 
 
-def load_image(im, resolution: int, center_crop: bool, channels: int, interpolation,
-               crop_gen: torch.Generator) -> torch.Tensor:
-    """A PIL image -> (C, resolution, resolution) in [-1, 1]: EXIF transpose, resize the shorter side, crop."""
-    from PIL import ImageOps
-    from torchvision.transforms import functional as TF
-
-    im = ImageOps.exif_transpose(im).convert("L" if channels == 1 else "RGB")
-    im = TF.resize(im, resolution, interpolation=interpolation)
-    if center_crop:
-        im = TF.center_crop(im, [resolution, resolution])
-    else:
-        top = int(torch.randint(0, im.height - resolution + 1, (1,), generator=crop_gen))
-        left = int(torch.randint(0, im.width - resolution + 1, (1,), generator=crop_gen))
-        im = TF.crop(im, top, left, resolution, resolution)
-    return TF.pil_to_tensor(im).float() / 127.5 - 1.0
-
-
 def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: bool = True,
                       random_flip: bool = False, channels: int = 3, num_classes: int | None = None,
                       interpolation=None, seed: int = 0, caption_column: str = "text",
@@ -117,7 +87,7 @@ def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: b
     families, which build the caches (difftrain/engine/families/cache.py)."""
     from PIL import Image
 
-    from difftrain.engine.families.t2i_data import read_captions
+    from difftrain.data.captions import read_captions
 
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -152,30 +122,59 @@ def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: b
                         captions, caption_dropout)
 
 
-class BatchOrder:
-    """Global sample indices of (step, micro-batch, rank): epoch permutations of (seed, epoch)."""
+def build_hf(name: str, dataset: str, config_name: str | None = None, split: str = "train",
+             image_column: str = "image", caption_column: str | None = "text", max_samples: int | None = None,
+             resolution: int = 512, center_crop: bool = True, random_flip: bool = False, channels: int = 3,
+             instance_prompt: str | None = None, caption_dropout: float = 0.0, interpolation=None, seed: int = 0,
+             **cache_options):
+    """A `datasets` dataset: a folder written by save_to_disk, a local folder load_dataset reads, or a hub id."""
+    rows = _load_hf(dataset, config_name, split)
+    for column in (image_column, caption_column if instance_prompt is None else None):
+        if column is not None and column not in rows.column_names:
+            raise UserError(f"data.dataset '{dataset}' has no column '{column}'; its columns are "
+                            f"{', '.join(rows.column_names)} (set data.image_column / data.caption_column)")
+    if max_samples is not None:
+        rows = rows.select(range(min(max_samples, len(rows))))
+    if len(rows) == 0:
+        raise UserError(f"data.dataset '{dataset}' split '{split}' has no rows")
+    crop_gen = torch.Generator().manual_seed(seed_for(seed, 0, "crop"))
+    images, captions = [], []
+    for i, row in enumerate(rows):
+        image = row[image_column]
+        if not hasattr(image, "convert"):
+            raise UserError(f"data.image_column '{image_column}' of '{dataset}' holds {type(image).__name__}, not "
+                            "images; name the column with the images")
+        images.append(load_image(image, resolution, center_crop, channels, interpolation, crop_gen))
+        text = instance_prompt if instance_prompt is not None else row[caption_column]
+        if not isinstance(text, str):
+            raise UserError(f"row {i} of '{dataset}': the caption column '{caption_column}' must hold strings, "
+                            f"got {type(text).__name__}")
+        captions.append(text)
+    return ImageDataset(torch.stack(images), None, None, random_flip, captions, caption_dropout)
 
-    def __init__(self, n: int, batch_size: int, grad_accum: int, world_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.world_size, self.seed = n, batch_size, world_size, seed
-        self.micro_per_step = grad_accum
-        self.global_micro = batch_size * world_size
-        self.micro_per_epoch = n // self.global_micro
-        if self.micro_per_epoch < grad_accum:
-            raise UserError(
-                f"the dataset has {n} samples, fewer than one optimizer step needs "
-                f"({batch_size} x {grad_accum} accumulation x {world_size} processes); "
-                "lower trainer.batch_size or trainer.grad_accum, or add data")
-        self._perm_epoch, self._perm = -1, None
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(seed_for(self.seed, 0, "data") + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        return self._perm
-
-    def indices(self, step: int, micro: int, rank: int) -> tuple[int, torch.Tensor]:
-        """(epoch, indices) of one micro-batch; the last incomplete micro-batch of an epoch is dropped."""
-        k = step * self.micro_per_step + micro
-        epoch, pos = divmod(k, self.micro_per_epoch)
-        start = pos * self.global_micro + rank * self.batch_size
-        return epoch, self._permutation(epoch)[start : start + self.batch_size]
+def _load_hf(dataset: str, config_name: str | None, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("data=hf needs the `datasets` package: pip install 'difftrain[hf]' (or pip install "
+                        "datasets), or use data=imagefolder with a metadata.jsonl") from None
+    local = Path(dataset).expanduser()
+    try:
+        if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+            loaded = datasets.load_from_disk(str(local))  # written by save_to_disk
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise UserError(f"data.dataset '{dataset}' has the splits {', '.join(loaded)}, not "
+                                    f"data.split='{split}'")
+                loaded = loaded[split]
+            return loaded
+        if local.is_dir():
+            return datasets.load_dataset("imagefolder", data_dir=str(local), split=split)
+        return datasets.load_dataset(dataset, config_name, split=split)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (datasets raises FileNotFoundError, DatasetNotFoundError, ...)
+        raise UserError(f"could not load data.dataset='{dataset}' split '{split}' ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); give a folder written by save_to_disk, "
+                        "a local image folder, or a reachable hub dataset id") from None

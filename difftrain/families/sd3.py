@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from difftrain.engine.families import lora as lora_io
-from difftrain.engine.families.loading import load_component, read_model_index, resolve_source
-from difftrain.engine.families.t2i import T2IBundle
+from difftrain.families import lora as lora_io
+from difftrain.families.loading import load_component, read_model_index, resolve_source
+from difftrain.families.t2i import T2IBundle
 
 TRANSFORMER_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                             "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0")

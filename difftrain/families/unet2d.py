@@ -52,7 +52,7 @@ class ModelBundle:
 
     def validation_images(self, model, schedule, data, vcfg: dict, device) -> tuple[torch.Tensor, int]:
         """(images in [-1, 1], grid row length) for the validation grid."""
-        from difftrain.engine.sampling import sample
+        from difftrain.components.sampling import sample
 
         per_label = vcfg["num_per_label"]
         labels = None

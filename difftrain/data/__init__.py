@@ -1,0 +1,1 @@
+"""Data: sources (digits, imagefolder, hf), captions, image transforms, the replayable batch order, caches."""

@@ -1,0 +1,78 @@
+"""Everything a run is made of, built from the validated config in one place, top to bottom.
+
+The order matters for exact reproducibility: the global RNG is seeded first, so the model's random
+initialisation (and LoRA's) is the same on every rank and in every resumed run; nothing between the seed
+and the model build draws from it. Every option group is built by the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from difftrain import registry
+from difftrain.components.seeding import set_seed
+from difftrain.data.order import BatchOrder
+from difftrain.engine.evaluation import Evaluator
+from difftrain.engine.objective import DiffusionObjective
+from difftrain.engine.strategies import strategy_for
+from difftrain.families.protocol import CacheOptions
+
+
+@dataclass
+class RunParts:
+    """What the Trainer runs: the prepared model and optimizer, how to save them, what to minimise."""
+
+    accelerator: object
+    family: object        # families.protocol.ModelFamily
+    data: object          # data.sources.ImageDataset
+    objective: DiffusionObjective
+    model: object         # family.module after accelerator.prepare
+    optimizer: object
+    lr_scheduler: object
+    strategy: object      # engine.strategies.DDPStrategy | DeepSpeedStrategy
+    ema: object | None    # components.ema_factory.EMA
+    order: BatchOrder
+    evaluator: Evaluator
+
+
+def cache_options(cfg: dict, run_dir: Path) -> CacheOptions:
+    """data.cache_* as the families read them (data=digits has none: nothing is cached)."""
+    data = cfg["data"]
+    folder = Path(data["cache_dir"]).expanduser() if data.get("cache_dir") else run_dir / "cache"
+    return CacheOptions(latents=bool(data.get("cache_latents")), text=data.get("cache_text_embeddings"),
+                        folder=folder, prune=not data.get("cache_dir"), batch_size=cfg["trainer"]["batch_size"],
+                        key_fields=(("center_crop", data.get("center_crop")),
+                                    ("interpolation", cfg["interpolation"]["name"])))
+
+
+def build_run(cfg: dict, run_dir: Path, accelerator) -> RunParts:
+    trainer = cfg["trainer"]
+    set_seed(cfg["seed"], deterministic=trainer["deterministic"])  # model init is identical on all ranks
+    interpolation = registry.build("interpolation", cfg["interpolation"])
+    data = registry.build("data", cfg["data"], interpolation=interpolation, seed=cfg["seed"])
+    family = registry.build("model", cfg["model"])
+    schedule = family.training_schedule(registry.build("scheduler", cfg["scheduler"]))
+    objective = DiffusionObjective(
+        schedule, registry.build("weighting_scheme", cfg["weighting_scheme"]),
+        registry.build("loss_weighting", cfg["loss_weighting"]), registry.build("dream", cfg["dream"]),
+        noise_offset=cfg["noise"]["offset"], input_perturbation=cfg["noise"]["input_perturbation"])
+    lora = registry.build("lora", cfg["lora"])
+    family.prepare(data, accelerator, lora, cache_options(cfg, run_dir), list(cfg["validation"]["prompts"]))
+    if trainer["gradient_checkpointing"]:
+        family.module.enable_gradient_checkpointing()
+    optimizer = registry.build("optimizer", cfg["optimizer"], params=family.trainable_parameters())
+    lr_scheduler = registry.build("lr_scheduler", cfg["lr_scheduler"], optimizer=optimizer,
+                                  max_steps=trainer["max_steps"])
+    model, optimizer = accelerator.prepare(family.module, optimizer)  # the LR schedule is stepped by us
+    strategy = strategy_for(accelerator, model, optimizer, family)
+    strategy.cast_half_inputs()
+    ema_factory = registry.build("ema", cfg["ema"])
+    ema = ema_factory(accelerator.unwrap_model(model)) if ema_factory is not None else None
+    order = BatchOrder(len(data), trainer["batch_size"], trainer["grad_accum"], accelerator.num_processes,
+                       cfg["seed"])
+    digits_classes = data.num_classes if cfg["data"]["name"] == "digits" else None
+    evaluator = Evaluator(family, objective, data, cfg["validation"], cfg["eval"], run_dir, accelerator.device,
+                          digits_classes)
+    return RunParts(accelerator, family, data, objective, model, optimizer, lr_scheduler, strategy, ema, order,
+                    evaluator)
