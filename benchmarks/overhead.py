@@ -29,14 +29,15 @@ def engine_trainer(tmp: Path, steps: int):
 
     from difftrain.cli.train import compose_config
     from difftrain.config.validate import validate
-    from difftrain.engine.run import make_accelerator
+    from difftrain.engine.distributed import make_accelerator
+    from difftrain.engine.setup import build_run
     from difftrain.engine.trainer import Trainer
 
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state(True) if state is AcceleratorState else state._reset_state()
     cfg = validate(compose_config([f"output_dir={tmp}", "ema=off", "trainer.progress=false",
                                    f"trainer.max_steps={steps * 10}", "trainer.log_every=1000000"]))
-    return Trainer(cfg, tmp, make_accelerator(cfg)), cfg
+    return Trainer(build_run(cfg, tmp, make_accelerator(cfg)), cfg["trainer"], cfg["seed"], tmp), cfg
 
 
 def minimal_loop(cfg: dict):

@@ -62,7 +62,7 @@ register("ema", "ema_warmup", f"{C}.ema_factory:build_ema",
          "EMA with power warm-up 1-(1+k/inv_gamma)^-power (diffusers' unconditional script)", s.EMAConfig)
 
 # model, data, optimizer, lr_scheduler (engine side)
-register("model", "unet2d", f"{F}.unet2d:build_unet2d", "UNet2DModel, class-conditional, built or loaded",
+register("model", "unet2d", f"{F}.unet2d:UNet2DFamily", "UNet2DModel, class-conditional, built or loaded",
          s.UNet2DConfig)
 register("data", "digits", f"{D}.sources:build_digits",
          "UCI handwritten digits shipped with scikit-learn (1,797 8x8 images, 10 classes)", s.DigitsDataConfig)
@@ -87,10 +87,10 @@ register("distributed", "deepspeed_zero3", f"{E}.distributed:deepspeed_accelerat
          sd.DeepSpeedConfig)
 
 # latent text-to-image families (pretrained diffusers pipelines), their data source and LoRA
-register("model", "sd15", f"{F}.sd15:build_sd15",
+register("model", "sd15", f"{F}.sd15:SD15Family",
          "Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel, CLIP, VAE) from a hub id or folder",
          t.SD15ModelConfig)
-register("model", "sd3", f"{F}.sd3:build_sd3",
+register("model", "sd3", f"{F}.sd3:SD3Family",
          "Stable Diffusion 3 pipeline (SD3Transformer2DModel, 2 CLIP + T5, VAE), rectified flow", t.SD3ModelConfig)
 register("data", "hf", f"{D}.sources:build_hf",
          "a Hugging Face `datasets` dataset (hub id, save_to_disk folder or local folder) of images and captions",

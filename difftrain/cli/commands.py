@@ -1,4 +1,8 @@
-"""`difftrain components | sample | eval | report`: small argparse commands over a finished run."""
+"""`difftrain components | sample | eval | report`: small argparse commands over a finished run.
+
+Thin: `sample` and `eval` read the run's config.yaml, look its `model` option up in the registry and let
+that family load the run (`load_finished`) and generate; nothing here imports diffusers.
+"""
 
 from __future__ import annotations
 
@@ -43,43 +47,82 @@ def components_command(args: list[str]) -> int:
     return 0
 
 
-def _load_run(run_dir: str):
-    """The run's config, trained model (EMA weights) and schedule, from final/ or the latest checkpoint."""
-    import torch
+def read_run_config(run_dir: str) -> tuple[Path, dict]:
+    """The run folder and its config.yaml (what the run was trained with)."""
     from omegaconf import OmegaConf
-
-    from difftrain import registry
-    from difftrain.engine import checkpoint as ckpt
 
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
         raise UserError(f"'{run_dir}' is not a difftrain run folder (no config.yaml); pass the output_dir of a run")
-    cfg = OmegaConf.to_container(OmegaConf.load(root / "config.yaml"))
-    schedule = registry.build("scheduler", cfg["scheduler"])
-    final = root / "final" / "unet"
-    if (final / "config.json").is_file():
-        from diffusers import UNet2DModel
+    return root, OmegaConf.to_container(OmegaConf.load(root / "config.yaml"))
 
-        model = UNet2DModel.from_pretrained(str(final))
-    else:
-        latest = ckpt.resolve_resume("latest", root)
-        if latest is None:
-            raise UserError(f"run '{run_dir}' has neither final/unet nor a complete checkpoint to sample from")
-        model = registry.build("model", {**cfg["model"], "pretrained": None})
-        tensors = ckpt.read_tensors(latest, "model.safetensors")
-        if (latest / "ema.safetensors").is_file():
-            tensors.update(ckpt.read_tensors(latest, "ema.safetensors"))
-        model.load_state_dict(tensors)
+
+def latest_checkpoint_tensors(root: Path) -> dict:
+    """The latest complete checkpoint's model weights with its EMA weights laid over them."""
+    from difftrain.engine import checkpoint as ckpt
+
+    latest = ckpt.resolve_resume("latest", root)
+    if latest is None:
+        raise UserError(f"run '{root}' has neither final outputs nor a complete checkpoint to sample from")
+    tensors = ckpt.read_tensors(latest, "model.safetensors")
+    if (latest / "ema.safetensors").is_file():
+        tensors.update(ckpt.read_tensors(latest, "ema.safetensors"))
+    return tensors
+
+
+def load_run(run_dir: str):
+    """(config, FinishedRun): the run's outputs, loaded by the model family recorded in its config."""
+    from functools import partial
+
+    import torch
+
+    from difftrain import registry
+
+    root, cfg = read_run_config(run_dir)
+    family = registry.get("model", cfg["model"]["name"]).load()  # a families.protocol.FamilyClass
     device = "cuda" if torch.cuda.is_available() and not cfg["trainer"]["cpu"] else "cpu"
-    return cfg, model.to(device).eval(), schedule, device
+    return cfg, family.load_finished(root, cfg, device, partial(latest_checkpoint_tensors, root))
+
+
+def _label_request(opts, run):
+    """(SampleRequest, file tag) of --labels (default: every class) for a class-conditional or an
+    unconditional run."""
+    from difftrain.families.protocol import SampleRequest
+
+    if opts.prompt:
+        raise UserError("--prompt is for text-to-image runs (model=sd15 or sd3); this run takes --labels")
+    num_classes = run.num_classes if run.conditioning == "labels" else None
+    labels = None
+    if opts.labels:
+        try:
+            values = [int(v) for v in opts.labels.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--labels '{opts.labels}' must be comma-separated integers, e.g. 0,1,7") from None
+        if not num_classes or any(not 0 <= v < num_classes for v in values):
+            raise UserError(f"--labels {values} must lie in [0, {num_classes}) for this model"
+                            if num_classes else "this model is unconditional: drop --labels")
+        labels = tuple(values)
+    elif num_classes:
+        labels = tuple(range(num_classes))
+    request = SampleRequest(labels=labels, per_condition=opts.num or 8, steps=opts.steps, seed=opts.seed)
+    return request, opts.labels.replace(",", "-") if opts.labels else "all"
+
+
+def _prompt_request(opts):
+    from difftrain.families.protocol import SampleRequest
+
+    if opts.labels:
+        raise UserError("--labels is for class-conditional runs; a text-to-image run takes --prompt")
+    if not opts.prompt:
+        raise UserError('give at least one --prompt "a photo of ..." (repeat --prompt for more rows)')
+    request = SampleRequest(prompts=tuple(opts.prompt), per_condition=opts.num or 4, steps=opts.steps,
+                            seed=opts.seed, guidance_scale=opts.guidance)
+    return request, "prompts"
 
 
 def sample_command(args: list[str]) -> int:
     """Write a grid PNG of samples from a finished run (EMA weights)."""
-    import torch
-
-    from difftrain.components.sampling import sample
-    from difftrain.engine.sampling import save_grid
+    from difftrain.engine.evaluation import save_grid
 
     parser = argparse.ArgumentParser(prog="difftrain sample", description=sample_command.__doc__)
     parser.add_argument("run_dir")
@@ -94,60 +137,36 @@ def sample_command(args: list[str]) -> int:
     opts = parser.parse_args(args)
     if (opts.num is not None and opts.num < 1) or opts.steps < 1:
         raise UserError("--num and --steps must be positive integers")
-    from difftrain.cli.sample_t2i import sample_t2i, t2i_family
-
-    if t2i_family(opts.run_dir):
-        return sample_t2i(opts)
-    if opts.prompt:
-        raise UserError("--prompt is for text-to-image runs (model=sd15 or sd3); this run takes --labels")
-    opts.num = opts.num or 8
-    cfg, model, schedule, device = _load_run(opts.run_dir)
-    num_classes = cfg["model"].get("num_class_embeds")
-    labels = None
-    if opts.labels:
-        try:
-            values = [int(v) for v in opts.labels.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--labels '{opts.labels}' must be comma-separated integers, e.g. 0,1,7") from None
-        if not num_classes or any(not 0 <= v < num_classes for v in values):
-            raise UserError(f"--labels {values} must lie in [0, {num_classes}) for this model"
-                            if num_classes else "this model is unconditional: drop --labels")
-        labels = torch.tensor(values).repeat_interleave(opts.num)
-    elif num_classes:
-        labels = torch.arange(num_classes).repeat_interleave(opts.num)
-    n = len(labels) if labels is not None else opts.num
-    res, ch = model.config.sample_size, model.config.in_channels
-    cond = {"class_labels": None if labels is None else labels.to(device)}
-    images = sample(lambda x, t: model(x, t, return_dict=False, **cond)[0], schedule, (n, ch, res, res),
-                    opts.steps, opts.seed, device)
-    tag = opts.labels.replace(",", "-") if opts.labels else "all"
+    _, run = load_run(opts.run_dir)
+    request, tag = _prompt_request(opts) if run.conditioning == "prompts" else _label_request(opts, run)
+    images, nrow = run.generate(request)
     out = Path(opts.out) if opts.out else Path(opts.run_dir) / "samples" / f"sample_{tag}.png"
-    save_grid(images, out, nrow=opts.num if labels is not None else 8, upscale=max(1, 64 // res))
+    save_grid(images, out, nrow=nrow, upscale=max(1, 64 // images.shape[-1]))
     print(out)
     return 0
 
 
 def eval_command(args: list[str]) -> int:
     """Digits-classifier accuracy on class-conditional samples of a finished run."""
-    from difftrain.engine.sampling import evaluate_digits
+    from difftrain.engine.evaluation import digits_accuracy
 
     parser = argparse.ArgumentParser(prog="difftrain eval", description=eval_command.__doc__)
     parser.add_argument("run_dir")
     parser.add_argument("--samples-per-label", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     opts = parser.parse_args(args)
-    from difftrain.cli.sample_t2i import t2i_family
-
-    if t2i_family(opts.run_dir):
+    cfg, run = load_run(opts.run_dir)
+    if run.conditioning == "prompts":
         raise UserError("difftrain eval measures digits-classifier accuracy: it needs a run on data=digits, not a "
                         "text-to-image run (use difftrain sample RUN_DIR --prompt ...)")
-    cfg, model, schedule, device = _load_run(opts.run_dir)
     if cfg["data"]["name"] != "digits":
         raise UserError("difftrain eval measures digits-classifier accuracy: it needs a run on data=digits")
+    if run.conditioning != "labels":
+        raise UserError("difftrain eval measures digits-classifier accuracy of class-conditional samples: this "
+                        "run's model is unconditional (model.num_class_embeds=null)")
     e = cfg["eval"]
-    result = evaluate_digits(model, schedule, opts.samples_per_label or e["samples_per_label"],
-                             opts.steps or e["inference_steps"], e["seed"], device,
-                             cfg["data"]["resolution"], cfg["data"]["num_classes"])
+    result = digits_accuracy(run.generate, cfg["data"]["num_classes"], opts.samples_per_label or e["samples_per_label"],
+                             opts.steps or e["inference_steps"], e["seed"])
     (Path(opts.run_dir) / "eval.json").write_text(json.dumps(result, indent=2))
     print(f"digits accuracy: {result['accuracy']:.1%} on {result['samples']} samples "
           f"(per label: {', '.join(f'{v:.0%}' for v in result['per_label'])})")

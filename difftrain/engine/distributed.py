@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 from datetime import timedelta
+
 from difftrain.errors import UserError
 
 

@@ -34,7 +34,8 @@ class CacheOptions:
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """Images to generate: class labels or prompts, `per_condition` of each, and how."""
+    """Images to generate: class labels or prompts, `per_condition` of each (of an unconditional model:
+    `per_condition` in all), and how."""
 
     labels: tuple[int, ...] | None = None
     prompts: tuple[str, ...] | None = None
@@ -83,9 +84,14 @@ class ModelFamily(Protocol):
 class FinishedRun(Protocol):
     """A finished run loaded for inference by `difftrain sample` / `difftrain eval`."""
 
-    family: str
+    family: str                   # the `model` option of the run
+    conditioning: str | None      # what a request names: "labels", "prompts" or None (unconditional)
+    num_classes: int | None       # labels lie in [0, num_classes) when conditioning == "labels"
+    resolution: int               # the training resolution (what a request with resolution=None gets)
 
-    def generate(self, request: SampleRequest) -> tuple[torch.Tensor, int]: ...
+    def generate(self, request: SampleRequest) -> tuple[torch.Tensor, int]:
+        """(images in [-1, 1] as (N, C, H, W) on the CPU, grid row length); the same generation as the
+        family's `generate` during training."""
 
 
 class FamilyClass(Protocol):

@@ -14,9 +14,23 @@ import torch
 
 from difftrain.families import lora as lora_io
 from difftrain.families.loading import load_component, read_model_index, resolve_source
-from difftrain.families.t2i import T2IBundle
+from difftrain.families.protocol import CacheOptions, SampleRequest
+from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts
+from difftrain.families.t2i_finished import FinishedPipeline
 
+PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+def tokenize_sd15(tokenizers: dict, encoders: dict, captions: list[str]) -> dict[str, torch.Tensor]:
+    tokenizer = tokenizers["tokenizer"]
+    out = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    ids = {"text_encoder": out.input_ids}
+    encoder = encoders.get("text_encoder")
+    if encoder is not None and getattr(encoder.config, "use_attention_mask", False):
+        ids["attention_mask"] = out.attention_mask
+    return ids
 
 
 def encode_sd15(encoders: dict, ids: dict) -> dict[str, torch.Tensor]:
@@ -30,75 +44,102 @@ def call_unet(unet, x: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> tor
     return unet(x, timesteps, encoder_hidden_states=cond["encoder_hidden_states"], return_dict=False)[0]
 
 
-class SD15Bundle(T2IBundle):
-    family = "sd15"
-    denoiser_name = "unet"
-    pipeline_classes = ("StableDiffusionPipeline",)
-    lora_text_encoders = ("text_encoder",)
-    default_lora_targets = UNET_LORA_TARGETS
+def pipeline_sd15(vae, tokenizers: dict, encoders: dict, unet, scheduler):
+    from diffusers import StableDiffusionPipeline
 
-    def training_schedule(self, scheduler_cfg: dict):
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders.get("text_encoder"),
+                                   tokenizer=tokenizers["tokenizer"], unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def prompt_kwargs_sd15(cond: dict, negative: dict) -> dict:
+    return {"prompt_embeds": cond["encoder_hidden_states"],
+            "negative_prompt_embeds": negative["encoder_hidden_states"]}
+
+
+def save_lora_sd15(folder: Path, model) -> None:
+    """diffusers' legacy keys (unet.…to_q.lora.down.weight), what the SD 1.x/2.x loaders expect."""
+    from diffusers import StableDiffusionPipeline
+
+    layers = {"unet_lora_layers": lora_io.denoiser_layers(model.denoiser, True)}
+    modules = {"unet": model.denoiser}
+    if model.text_encoders is not None:
+        encoder = model.text_encoders["text_encoder"]
+        layers["text_encoder_lora_layers"] = lora_io.text_encoder_layers(encoder, True)
+        modules["text_encoder"] = encoder
+    StableDiffusionPipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+
+
+def export_scheduler_sd15(inference_scheduler, schedule):
+    """The pipeline's scheduler with the trained prediction type (zero-terminal-SNR: trailing spacing)."""
+    overrides = {"prediction_type": schedule.prediction_type}
+    if schedule.scheduler.config.get("rescale_betas_zero_snr"):
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return type(inference_scheduler).from_config(inference_scheduler.config, **overrides)
+
+
+class SD15Family:
+    """ModelFamily of model=sd15 (registry target); LatentTextToImage does the shared work."""
+
+    def __init__(self, name: str, pretrained: str, revision: str | None = None, variant: str | None = None,
+                 resolution: int = 512) -> None:
+        source = resolve_source(pretrained, revision, variant)
+        index = read_model_index(source, PIPELINE_CLASSES, "sd15")
+        components = {part: load_component(index, part, source)
+                      for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+        unet = components["unet"]
+        spec = T2ISpec(name="sd15", denoiser="unet", lora_text_encoders=("text_encoder",),
+                       lora_targets=UNET_LORA_TARGETS, latent_multiple=2 ** (len(unet.config.block_out_channels) - 1),
+                       tokenize=tokenize_sd15, encode=encode_sd15, call_denoiser=call_unet, pipeline=pipeline_sd15,
+                       prompt_kwargs=prompt_kwargs_sd15, save_lora=save_lora_sd15,
+                       export_scheduler=export_scheduler_sd15)
+        self.name = name
+        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "unet"))
+        self.module = self.t2i.module
+
+    def training_schedule(self, configured):
+        """DDPM on the pipeline's betas with the configured prediction type (and zero terminal SNR)."""
         from diffusers import DDPMScheduler
 
         from difftrain.components.noise_schedules import schedule_from_scheduler
 
-        overrides = {"prediction_type": scheduler_cfg["prediction_type"]}
-        if scheduler_cfg.get("rescale_betas_zero_snr"):
+        overrides = {"prediction_type": configured.prediction_type}
+        if configured.scheduler.config.get("rescale_betas_zero_snr"):
             overrides["rescale_betas_zero_snr"] = True
-        scheduler = DDPMScheduler.from_config(self.inference_scheduler.config, **overrides)
-        schedule = schedule_from_scheduler(scheduler, scheduler_cfg["prediction_type"])
+        scheduler = DDPMScheduler.from_config(self.t2i.inference_scheduler.config, **overrides)
+        schedule = schedule_from_scheduler(scheduler, configured.prediction_type)
         schedule.precondition_outputs = False
         return schedule
 
-    def export_scheduler(self, schedule):
-        overrides = {"prediction_type": schedule.prediction_type}
-        if schedule.scheduler.config.get("rescale_betas_zero_snr"):
-            overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-        return type(self.inference_scheduler).from_config(self.inference_scheduler.config, **overrides)
+    # ---- the rest of the protocol: LatentTextToImage --------------------------------------------------
+    def prepare(self, data, accelerator, lora, caches: CacheOptions, validation_prompts: list[str]) -> None:
+        self.t2i.prepare(data, accelerator, lora, caches, validation_prompts)
 
-    def latent_multiple(self) -> int:
-        return 2 ** (len(self.model.denoiser.config.block_out_channels) - 1)
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.t2i.trainable_parameters()
 
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokenizer = self.tokenizers["tokenizer"]
-        out = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt")
-        ids = {"text_encoder": out.input_ids}
-        encoder = (self.encoders() or {}).get("text_encoder")
-        if encoder is not None and getattr(encoder.config, "use_attention_mask", False):
-            ids["attention_mask"] = out.attention_mask
-        return ids
+    def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        return self.t2i.inputs(batch, device, generator)
 
-    def pipeline(self, model, scheduler):
-        from diffusers import StableDiffusionPipeline
+    def predict(self, model, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.t2i.predict(model, x_t, timesteps, cond)
 
-        return StableDiffusionPipeline(vae=self.vae, text_encoder=self.encoders(model).get("text_encoder"),
-                                       tokenizer=self.tokenizers["tokenizer"], unet=model.denoiser,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    def checkpoint_tensors(self, model) -> dict[str, torch.Tensor]:
+        return self.t2i.checkpoint_tensors(model)
 
-    def prompt_kwargs(self, cond: dict, negative: dict) -> dict:
-        return {"prompt_embeds": cond["encoder_hidden_states"],
-                "negative_prompt_embeds": negative["encoder_hidden_states"]}
+    def load_checkpoint_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
+        self.t2i.load_checkpoint_tensors(model, tensors)
 
-    def save_lora(self, folder: Path, model) -> None:
-        from diffusers import StableDiffusionPipeline
+    def validation_request(self, validation: dict, data) -> SampleRequest:
+        return self.t2i.validation_request(validation, data)
 
-        layers = {"unet_lora_layers": lora_io.denoiser_layers(model.denoiser, True)}
-        modules = {"unet": model.denoiser}
-        if model.text_encoders is not None:
-            encoder = model.text_encoders["text_encoder"]
-            layers["text_encoder_lora_layers"] = lora_io.text_encoder_layers(encoder, True)
-            modules["text_encoder"] = encoder
-        StableDiffusionPipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+    def generate(self, model, schedule, request: SampleRequest, device) -> tuple[torch.Tensor, int]:
+        return self.t2i.generate(model, schedule, request, device)
 
+    def export(self, final_dir: Path, model, ema, schedule) -> None:
+        self.t2i.export(final_dir, model, ema, schedule)
 
-def build_sd15(name: str, pretrained: str, revision: str | None = None, variant: str | None = None,
-               resolution: int = 512) -> SD15Bundle:
-    source = resolve_source(pretrained, revision, variant)
-    index = read_model_index(source, SD15Bundle.pipeline_classes, "sd15")
-    components = {part: load_component(index, part, source)
-                  for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
-    cfg = {"name": name, "pretrained": pretrained, "revision": revision, "variant": variant,
-           "resolution": resolution}
-    return SD15Bundle(source, index, components, cfg, encode_sd15, call_unet)
+    @classmethod
+    def load_finished(cls, run_dir: Path, cfg: dict, device: str, checkpoint_tensors) -> FinishedPipeline:
+        """final/ (a whole pipeline, or the run's LoRA file on the base pipeline); checkpoints are not read."""
+        return FinishedPipeline(run_dir, cfg, device)

@@ -18,10 +18,28 @@ import torch
 
 from difftrain.families import lora as lora_io
 from difftrain.families.loading import load_component, read_model_index, resolve_source
-from difftrain.families.t2i import T2IBundle
+from difftrain.families.protocol import CacheOptions, SampleRequest
+from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts
+from difftrain.families.t2i_finished import FinishedPipeline
 
+PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 TRANSFORMER_LORA_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                             "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0")
+
+
+def tokenize_sd3(tokenizers: dict, encoders: dict, captions: list[str], max_sequence_length: int
+                 ) -> dict[str, torch.Tensor]:
+    ids = {}
+    for encoder, name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        tokenizer = tokenizers[name]
+        ids[encoder] = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+    if "tokenizer_3" in tokenizers:
+        ids["text_encoder_3"] = tokenizers["tokenizer_3"](
+            captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+            add_special_tokens=True, return_tensors="pt").input_ids
+    return ids
 
 
 def _clip(encoder, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,83 +66,107 @@ def call_transformer(transformer, x: torch.Tensor, timesteps: torch.Tensor, cond
                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
 
-class SD3Bundle(T2IBundle):
-    family = "sd3"
-    denoiser_name = "transformer"
-    pipeline_classes = ("StableDiffusion3Pipeline",)
-    lora_text_encoders = ("text_encoder", "text_encoder_2")
-    default_lora_targets = TRANSFORMER_LORA_TARGETS
+def pipeline_sd3(vae, tokenizers: dict, encoders: dict, transformer, scheduler):
+    from diffusers import StableDiffusion3Pipeline
 
-    def training_schedule(self, scheduler_cfg: dict):
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=encoders.get("text_encoder"), tokenizer=tokenizers["tokenizer"],
+        text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=tokenizers["tokenizer_2"],
+        text_encoder_3=encoders.get("text_encoder_3"), tokenizer_3=tokenizers.get("tokenizer_3"))
+
+
+def prompt_kwargs_sd3(cond: dict, negative: dict) -> dict:
+    return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
+            "negative_prompt_embeds": negative["encoder_hidden_states"],
+            "negative_pooled_prompt_embeds": negative["pooled_projections"]}
+
+
+def save_lora_sd3(folder: Path, model) -> None:
+    """peft keys (transformer.…to_q.lora_A.weight), what the SD3 loader expects."""
+    from diffusers import StableDiffusion3Pipeline
+
+    layers = {"transformer_lora_layers": lora_io.denoiser_layers(model.denoiser, False)}
+    modules = {"transformer": model.denoiser}
+    if model.text_encoders is not None:
+        for name in LORA_TEXT_ENCODERS:
+            layers[f"{name}_lora_layers"] = lora_io.text_encoder_layers(model.text_encoders[name], False)
+            modules[name] = model.text_encoders[name]
+    StableDiffusion3Pipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+
+
+def export_scheduler_sd3(inference_scheduler, schedule):
+    return type(inference_scheduler).from_config(inference_scheduler.config)
+
+
+class SD3Family:
+    """ModelFamily of model=sd3 (registry target); LatentTextToImage does the shared work."""
+
+    def __init__(self, name: str, pretrained: str, revision: str | None = None, variant: str | None = None,
+                 resolution: int = 1024, max_sequence_length: int = 77) -> None:
+        source = resolve_source(pretrained, revision, variant)
+        index = read_model_index(source, PIPELINE_CLASSES, "sd3")
+        parts = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+        components = {part: load_component(index, part, source) for part in parts}
+        for part in ("text_encoder_3", "tokenizer_3"):  # SD3 runs without T5 (zeros in its place)
+            components[part] = load_component(index, part, source, required=False)
+        if (components["text_encoder_3"] is None) != (components["tokenizer_3"] is None):
+            components["text_encoder_3"] = components["tokenizer_3"] = None
+        transformer = components["transformer"]
+        joint_dim = int(transformer.config.joint_attention_dim)
+        spec = T2ISpec(name="sd3", denoiser="transformer", lora_text_encoders=LORA_TEXT_ENCODERS,
+                       lora_targets=TRANSFORMER_LORA_TARGETS, latent_multiple=int(transformer.config.patch_size),
+                       tokenize=partial(tokenize_sd3, max_sequence_length=max_sequence_length),
+                       encode=partial(encode_sd3, t5_length=max_sequence_length, joint_dim=joint_dim),
+                       call_denoiser=call_transformer, pipeline=pipeline_sd3, prompt_kwargs=prompt_kwargs_sd3,
+                       save_lora=save_lora_sd3, export_scheduler=export_scheduler_sd3,
+                       text_options={"max_sequence_length": max_sequence_length})
+        self.name = name
+        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "transformer"))
+        self.module = self.t2i.module
+
+    def training_schedule(self, configured):
+        """The pipeline's flow-matching scheduler (its shift); only precondition_outputs is configured."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from difftrain.components.noise_schedules import schedule_from_scheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.inference_scheduler.config)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.t2i.inference_scheduler.config)
         schedule = schedule_from_scheduler(scheduler)
-        schedule.precondition_outputs = bool(scheduler_cfg.get("precondition_outputs", False))
+        schedule.precondition_outputs = bool(configured.precondition_outputs)
         return schedule
 
-    def export_scheduler(self, schedule):
-        return type(self.inference_scheduler).from_config(self.inference_scheduler.config)
+    # ---- the rest of the protocol: LatentTextToImage --------------------------------------------------
+    def prepare(self, data, accelerator, lora, caches: CacheOptions, validation_prompts: list[str]) -> None:
+        self.t2i.prepare(data, accelerator, lora, caches, validation_prompts)
 
-    def latent_multiple(self) -> int:
-        return int(self.model.denoiser.config.patch_size)
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.t2i.trainable_parameters()
 
-    def text_options(self) -> dict:
-        return {"max_sequence_length": self.model_cfg["max_sequence_length"]}
+    def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        return self.t2i.inputs(batch, device, generator)
 
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        ids = {}
-        for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            tok = self.tokenizers[tokenizer]
-            ids[encoder] = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                               return_tensors="pt").input_ids
-        if "tokenizer_3" in self.tokenizers:
-            ids["text_encoder_3"] = self.tokenizers["tokenizer_3"](
-                captions, padding="max_length", max_length=self.model_cfg["max_sequence_length"], truncation=True,
-                add_special_tokens=True, return_tensors="pt").input_ids
-        return ids
+    def predict(self, model, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return self.t2i.predict(model, x_t, timesteps, cond)
 
-    def pipeline(self, model, scheduler):
-        from diffusers import StableDiffusion3Pipeline
+    def checkpoint_tensors(self, model) -> dict[str, torch.Tensor]:
+        return self.t2i.checkpoint_tensors(model)
 
-        encoders = self.encoders(model)
-        return StableDiffusion3Pipeline(
-            transformer=model.denoiser, scheduler=scheduler, vae=self.vae,
-            text_encoder=encoders.get("text_encoder"), tokenizer=self.tokenizers["tokenizer"],
-            text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=self.tokenizers["tokenizer_2"],
-            text_encoder_3=encoders.get("text_encoder_3"), tokenizer_3=self.tokenizers.get("tokenizer_3"))
+    def load_checkpoint_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
+        self.t2i.load_checkpoint_tensors(model, tensors)
 
-    def prompt_kwargs(self, cond: dict, negative: dict) -> dict:
-        return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
-                "negative_prompt_embeds": negative["encoder_hidden_states"],
-                "negative_pooled_prompt_embeds": negative["pooled_projections"]}
+    def validation_request(self, validation: dict, data) -> SampleRequest:
+        return self.t2i.validation_request(validation, data)
 
-    def save_lora(self, folder: Path, model) -> None:
-        from diffusers import StableDiffusion3Pipeline
+    def generate(self, model, schedule, request: SampleRequest, device) -> tuple[torch.Tensor, int]:
+        return self.t2i.generate(model, schedule, request, device)
 
-        layers = {"transformer_lora_layers": lora_io.denoiser_layers(model.denoiser, False)}
-        modules = {"transformer": model.denoiser}
-        if model.text_encoders is not None:
-            for name in self.lora_text_encoders:
-                layers[f"{name}_lora_layers"] = lora_io.text_encoder_layers(model.text_encoders[name], False)
-                modules[name] = model.text_encoders[name]
-        StableDiffusion3Pipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+    def export(self, final_dir: Path, model, ema, schedule) -> None:
+        self.t2i.export(final_dir, model, ema, schedule)
 
-
-def build_sd3(name: str, pretrained: str, revision: str | None = None, variant: str | None = None,
-              resolution: int = 1024, max_sequence_length: int = 77) -> SD3Bundle:
-    source = resolve_source(pretrained, revision, variant)
-    index = read_model_index(source, SD3Bundle.pipeline_classes, "sd3")
-    parts = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
-    components = {part: load_component(index, part, source) for part in parts}
-    for part in ("text_encoder_3", "tokenizer_3"):  # SD3 runs without T5 (zeros in its place)
-        components[part] = load_component(index, part, source, required=False)
-    if (components["text_encoder_3"] is None) != (components["tokenizer_3"] is None):
-        components["text_encoder_3"] = components["tokenizer_3"] = None
-    cfg = {"name": name, "pretrained": pretrained, "revision": revision, "variant": variant,
-           "resolution": resolution, "max_sequence_length": max_sequence_length}
-    joint_dim = int(components["transformer"].config.joint_attention_dim)
-    encode = partial(encode_sd3, t5_length=max_sequence_length, joint_dim=joint_dim)
-    return SD3Bundle(source, index, components, cfg, encode, call_transformer)
+    @classmethod
+    def load_finished(cls, run_dir: Path, cfg: dict, device: str, checkpoint_tensors) -> FinishedPipeline:
+        """final/ (a whole pipeline, or the run's LoRA file on the base pipeline), prompts encoded to the
+        run's model.max_sequence_length T5 tokens; checkpoints are not read."""
+        return FinishedPipeline(run_dir, cfg, device,
+                                {"max_sequence_length": cfg["model"]["max_sequence_length"]})

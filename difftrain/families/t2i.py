@@ -1,29 +1,37 @@
-"""Shared code of the latent text-to-image families (SD 1.x/2.x, SD3) on the engine's ModelBundle seam.
+"""What the latent text-to-image families (SD 1.x/2.x, SD3) share: `LatentTextToImage`, composed by each.
+
+A family file (sd15.py, sd3.py) loads its pipeline's parts and hands them, with a `T2ISpec` of what is its
+own (tokenize, encode, call the denoiser, build its diffusers pipeline, its prompt keyword arguments, save
+LoRA files, LoRA targets, latent multiple, the exported scheduler), to a `LatentTextToImage`, which does the
+rest of the ModelFamily work; the family class forwards the protocol methods to it.
 
 What the engine trains is a `T2IModule`: the denoiser, plus the text encoders when LoRA trains them
 (then prompts are encoded inside forward, so DDP, autocast, clipping, EMA and checkpoints see them).
 `prepare()` runs once before the optimizer is built: weight dtype from the accelerator; frozen parts
 (VAE, frozen text encoders, the LoRA base) cast to it; adapters added; trainable weights cast to fp32;
-the latent and prompt-embedding caches built (families/cache.py). A family subclass says how to load,
-tokenize, encode, call the denoiser and assemble its diffusers pipeline.
+the latent and prompt-embedding caches built (data/cache.py). A finished run is read back by
+`FinishedPipeline` (t2i_finished.py).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from difftrain.data import cache as caches
-from difftrain.families import lora as lora_io
 from difftrain.data.captions import require_captions
-from difftrain.families.unet2d import ModelBundle
 from difftrain.errors import UserError
+from difftrain.families import lora as lora_io
+from difftrain.families.protocol import CacheOptions, SampleRequest
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TEXT_BATCH = 16  # prompts encoded at once while filling the text cache
 
 
 def cast(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -58,56 +66,103 @@ class T2IModule(torch.nn.Module):
                 encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-class T2IBundle(ModelBundle):
-    """Base of the text-to-image families. Subclasses set the class attributes and the family hooks."""
+@dataclass(frozen=True)
+class T2ISpec:
+    """What one latent text-to-image family says about itself (plain functions: T2IModule holds two)."""
 
-    family = ""
-    denoiser_name = "unet"
-    pipeline_classes: tuple[str, ...] = ()
-    lora_text_encoders: tuple[str, ...] = ("text_encoder",)
-    default_lora_targets: tuple[str, ...] = ()
+    name: str                                  # the `model` option
+    denoiser: str                              # the pipeline component that trains: "unet" | "transformer"
+    lora_text_encoders: tuple[str, ...]        # the encoders lora.train_text_encoder adapts
+    lora_targets: tuple[str, ...]              # default lora.target_modules of the denoiser
+    latent_multiple: int                       # latent sizes are multiples of this (downsampling or patches)
+    tokenize: Callable[[dict, dict, list[str]], dict]  # (tokenizers, encoders, captions) -> token ids
+    encode: Callable[[dict, dict], dict]       # (encoders, token ids) -> conditioning kwargs
+    call_denoiser: Callable                    # (denoiser, x_t, timesteps, conditioning) -> prediction
+    pipeline: Callable                         # (vae, tokenizers, encoders, denoiser, scheduler) -> pipeline
+    prompt_kwargs: Callable[[dict, dict], dict]  # (conditioning, negative) -> pipeline prompt_embeds kwargs
+    save_lora: Callable[[Path, T2IModule], None]  # write pytorch_lora_weights.safetensors into a folder
+    export_scheduler: Callable                 # (pipeline's scheduler, training schedule) -> inference scheduler
+    text_options: dict = field(default_factory=dict)  # options that change prompt embeddings (cache key)
 
-    def __init__(self, source, index: dict, components: dict, model_cfg: dict, encode_fn, call_fn) -> None:
-        from difftrain.families.loading import null_components
 
-        self.source, self.model_cfg = source, model_cfg
-        self.null_components = null_components(index)  # passed as None when the pipeline is reloaded
-        self.vae = components["vae"]
-        self.tokenizers = {k: v for k, v in components.items() if k.startswith("tokenizer") and v is not None}
-        self.frozen_encoders = {k: v for k, v in components.items() if k.startswith("text_encoder") and v is not None}
-        self.inference_scheduler = components["scheduler"]
-        super().__init__(T2IModule(components[self.denoiser_name], encode_fn, call_fn))
+@dataclass(frozen=True)
+class PipelineParts:
+    """The loaded components of a pretrained pipeline (text encoders and tokenizers by component name)."""
+
+    source: object                 # families.loading.Source
+    null_components: dict          # {name: None} of model_index.json's null entries (passed on reload)
+    vae: torch.nn.Module
+    tokenizers: dict
+    text_encoders: dict
+    denoiser: torch.nn.Module
+    scheduler: object              # the pipeline's own inference scheduler
+
+
+def pipeline_parts(source, index: dict, components: dict, denoiser: str) -> PipelineParts:
+    from difftrain.families.loading import null_components
+
+    present = {k: v for k, v in components.items() if v is not None}
+    return PipelineParts(source, null_components(index), components["vae"],
+                         {k: v for k, v in present.items() if k.startswith("tokenizer")},
+                         {k: v for k, v in present.items() if k.startswith("text_encoder")},
+                         components[denoiser], components["scheduler"])
+
+
+@dataclass(frozen=True)
+class LatentCache:
+    """VAE latent distribution parameters (mean, logvar) of every image; rows [N, 2N) are the mirrored
+    images when the data flips (row = index + N * flipped)."""
+
+    parameters: torch.Tensor
+    path: Path
+
+    def rows(self, indices: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        if flips is not None:
+            indices = indices + self.parameters.shape[0] // 2 * flips.long()
+        return self.parameters[indices]
+
+
+@dataclass(frozen=True)
+class TextCache:
+    """Prompt embeddings of the empty prompt and of every distinct caption, one row each."""
+
+    embeddings: dict[str, torch.Tensor]
+    caption_rows: torch.Tensor     # dataset index -> row of its caption
+    empty_row: int                 # the row of "" (dropped captions)
+    path: Path
+
+    def rows(self, indices: torch.Tensor, dropped: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = self.caption_rows[indices].clone()
+        rows[dropped] = self.empty_row
+        return {k: v[rows] for k, v in self.embeddings.items()}
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """The validation prompts encoded once with the frozen encoders, and the empty (negative) prompt."""
+
+    prompts: tuple[str, ...]
+    cond: dict[str, torch.Tensor]
+    negative: dict[str, torch.Tensor]
+
+
+class LatentTextToImage:
+    """The shared ModelFamily work of a latent text-to-image family, configured by its `T2ISpec`."""
+
+    def __init__(self, spec: T2ISpec, parts: PipelineParts) -> None:
+        self.spec, self.source, self.null_components = spec, parts.source, parts.null_components
+        self.vae, self.tokenizers = parts.vae, parts.tokenizers
+        self.frozen_encoders = dict(parts.text_encoders)  # emptied when LoRA trains them or the cache has all
+        self.inference_scheduler = parts.scheduler
+        self.module = T2IModule(parts.denoiser, spec.encode, spec.call_denoiser)
         self.lora = None
-        self.acc = None
+        self.accelerator = None
         self.weight_dtype = torch.float32
-        self.latent_params = self.text_cache = self.validation_cond = None
+        self.resolution: int | None = None
+        self.latent_cache: LatentCache | None = None
+        self.text_cache: TextCache | None = None
         self.validation_prompts: list[str] = []
-        self.cache_files: dict[str, str] = {}
-
-    # ---- family hooks ---------------------------------------------------------------------------
-    def training_schedule(self, scheduler_cfg: dict):
-        raise NotImplementedError
-
-    def export_scheduler(self, schedule):
-        """The inference scheduler saved with the outputs and used for validation."""
-        raise NotImplementedError
-
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def pipeline(self, model: T2IModule, scheduler):
-        """The family's diffusers pipeline around the live modules (text encoders may be None)."""
-        raise NotImplementedError
-
-    def prompt_kwargs(self, cond: dict, negative: dict) -> dict:
-        raise NotImplementedError
-
-    def latent_multiple(self) -> int:
-        """Latent sizes must be multiples of this (UNet downsampling or transformer patches)."""
-        return 1
-
-    def save_lora(self, folder: Path, model: T2IModule) -> None:
-        raise NotImplementedError
+        self.validation_embeddings: PromptEmbeddings | None = None
 
     # ---- set-up ---------------------------------------------------------------------------------
     @property
@@ -116,114 +171,112 @@ class T2IBundle(ModelBundle):
 
     @property
     def trains_text(self) -> bool:
-        return self.model.text_encoders is not None
+        return self.module.text_encoders is not None
 
     def encoders(self, model: T2IModule | None = None) -> dict:
-        model = model if model is not None else self.model
+        model = model if model is not None else self.module
         return dict(model.text_encoders.items()) if model.text_encoders is not None else self.frozen_encoders
 
-    def prepare(self, cfg: dict, data, run_dir: Path, accelerator) -> None:
-        from difftrain import registry
+    def prepare(self, data, accelerator, lora, caches: CacheOptions, validation_prompts: list[str]) -> None:
         from difftrain.components.lora import cast_training_params
 
-        self.acc, device = accelerator, accelerator.device
-        mp = accelerator.mixed_precision
-        if mp == "fp16" and device.type != "cuda":
+        self.accelerator, device = accelerator, accelerator.device
+        precision = accelerator.mixed_precision
+        if precision == "fp16" and device.type != "cuda":
             raise UserError("trainer.mixed_precision=fp16 needs a CUDA GPU (fp16 training on CPU is not supported); "
                             "use trainer.mixed_precision=bf16 or no")
-        self.weight_dtype = dtype = DTYPES.get(mp, torch.float32)
+        self.weight_dtype = dtype = DTYPES.get(precision, torch.float32)
         captions = require_captions(data)
-        self._check_resolution(data.images.shape[-1])
-        self.lora = registry.build("lora", cfg["lora"])
-        denoiser = self.model.denoiser
+        self.resolution = int(data.images.shape[-1])
+        self._check_resolution(self.resolution)
+        self.lora = lora
+        denoiser = self.module.denoiser
         cast(self.vae.requires_grad_(False), device, dtype)
         for encoder in self.frozen_encoders.values():
             cast(encoder.requires_grad_(False), None, dtype)
-        if self.lora is None:
+        if lora is None:
             denoiser.requires_grad_(True)
         else:  # freeze -> cast the base -> adapters -> adapters (only) back to fp32
             cast(denoiser.requires_grad_(False), None, dtype)
-            lora_io.add_denoiser_adapter(denoiser, self.lora, self.default_lora_targets)
-            if self.lora.train_text_encoder:
-                for name in self.lora_text_encoders:
-                    lora_io.add_text_encoder_adapter(self.frozen_encoders[name], self.lora)
-                self.model.text_encoders = torch.nn.ModuleDict(self.frozen_encoders)
+            lora_io.add_denoiser_adapter(denoiser, lora, self.spec.lora_targets)
+            if lora.train_text_encoder:
+                for name in self.spec.lora_text_encoders:
+                    lora_io.add_text_encoder_adapter(self.frozen_encoders[name], lora)
+                self.module.text_encoders = torch.nn.ModuleDict(self.frozen_encoders)
                 self.frozen_encoders = {}
-            cast_training_params(self.model, torch.float32)
+            cast_training_params(self.module, torch.float32)
         for encoder in self.frozen_encoders.values():
             encoder.to(device)
-        self._build_caches(cfg, data, run_dir, captions)
-        prompts = list(cfg["validation"]["prompts"]) or list(dict.fromkeys(captions))[:4]
-        self.validation_prompts = prompts
+        self._build_caches(data, caches, captions)
+        self.validation_prompts = list(validation_prompts) or list(dict.fromkeys(captions))[:4]
         if not self.trains_text:
-            self.validation_cond = (self.encode_prompts(prompts), self.encode_prompts([""]))
+            self.validation_embeddings = PromptEmbeddings(tuple(self.validation_prompts),
+                                                          self.encode_prompts(self.validation_prompts),
+                                                          self.encode_prompts([""]))
         if self.text_cache is not None:  # every embedding is computed: the frozen encoders can go
             self.frozen_encoders = {}
             gc.collect()
 
     def _check_resolution(self, resolution: int) -> None:
-        multiple = self.vae_scale_factor * self.latent_multiple()
+        multiple = self.vae_scale_factor * self.spec.latent_multiple
         if resolution % multiple:
             raise UserError(f"data.resolution ({resolution}) must be a multiple of {multiple} for this "
-                            f"{self.family} model (VAE factor {self.vae_scale_factor} x {self.latent_multiple()})")
+                            f"{self.spec.name} model (VAE factor {self.vae_scale_factor} x "
+                            f"{self.spec.latent_multiple})")
 
-    def _build_caches(self, cfg: dict, data, run_dir: Path, captions: list[str]) -> None:
-        dcfg = cfg["data"]
-        cache_dir = Path(dcfg["cache_dir"]).expanduser() if dcfg.get("cache_dir") else run_dir / "cache"
-        prune = not dcfg.get("cache_dir")
-        src = {"pretrained": self.source.pretrained, "revision": self.source.revision,
-               "variant": self.source.variant, "family": self.family, "dtype": str(self.weight_dtype)}
-        if dcfg.get("cache_latents"):
+    def _build_caches(self, data, options: CacheOptions, captions: list[str]) -> None:
+        source = {"pretrained": self.source.pretrained, "revision": self.source.revision,
+                  "variant": self.source.variant, "family": self.spec.name, "dtype": str(self.weight_dtype)}
+        if options.latents:
             flips = bool(data.random_flip)
-            fields = {**src, "what": "vae latent distributions", "vae": caches.module_fingerprint(self.vae),
+            fields = {**source, "what": "vae latent distributions", "vae": caches.module_fingerprint(self.vae),
                       "vae_config": dict(self.vae.config), "pixels": caches.tensor_digest(data.images),
-                      "flips": flips, "resolution": data.images.shape[-1], "center_crop": dcfg.get("center_crop"),
-                      "interpolation": cfg["interpolation"]["name"], "n": len(data)}
+                      "flips": flips, "resolution": data.images.shape[-1], **dict(options.key_fields),
+                      "n": len(data)}
             tensors, path = caches.cached_tensors(
-                cache_dir, "latents", fields, lambda: caches.encode_latent_parameters(
-                    self.vae, data.images, flips, cfg["trainer"]["batch_size"], self.acc.device, self.weight_dtype),
-                self.acc, prune)
-            self.latent_params, self.cache_files["latents"] = tensors["parameters"], str(path)
-        cache_text = dcfg.get("cache_text_embeddings")
-        if cache_text is None:
-            cache_text = not self.trains_text
+                options.folder, "latents", fields, lambda: caches.encode_latent_parameters(
+                    self.vae, data.images, flips, options.batch_size, self.accelerator.device, self.weight_dtype),
+                self.accelerator, options.prune)
+            self.latent_cache = LatentCache(tensors["parameters"], path)
+        cache_text = options.text if options.text is not None else not self.trains_text
         if cache_text:
             unique = list(dict.fromkeys(["", *captions]))
-            fields = {**src, "what": "prompt embeddings", "captions": caches.digest(captions),
+            fields = {**source, "what": "prompt embeddings", "captions": caches.digest(captions),
                       "encoders": {k: caches.module_fingerprint(v) for k, v in self.frozen_encoders.items()},
                       "tokenizers": {k: caches.tokenizer_fingerprint(v) for k, v in self.tokenizers.items()},
-                      "options": self.text_options()}
+                      "options": self.spec.text_options}
 
             def compute():
-                rows = [self.encode_prompts(unique[i : i + 16]) for i in range(0, len(unique), 16)]
+                rows = [self.encode_prompts(unique[i : i + TEXT_BATCH]) for i in range(0, len(unique), TEXT_BATCH)]
                 return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
-            tensors, path = caches.cached_tensors(cache_dir, "text", fields, compute, self.acc, prune)
+            tensors, path = caches.cached_tensors(options.folder, "text", fields, compute, self.accelerator,
+                                                  options.prune)
             lookup = {c: i for i, c in enumerate(unique)}
-            self.text_cache = (tensors, torch.tensor([lookup[c] for c in captions]), lookup[""])
-            self.cache_files["text"] = str(path)
+            self.text_cache = TextCache(tensors, torch.tensor([lookup[c] for c in captions]), lookup[""], path)
 
-    def text_options(self) -> dict:
-        return {}
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
 
     # ---- per step -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], model: T2IModule | None = None) -> dict[str, torch.Tensor]:
         """Prompt embeddings with the current encoders (no grad), on the CPU."""
-        device = self.acc.device if self.acc is not None else "cpu"
-        ids = {k: v.to(device) for k, v in self.tokenize(prompts).items()}
-        context = self.acc.autocast() if self.acc is not None and self.trains_text else nullcontext()
+        encoders = self.encoders(model)
+        if not encoders:
+            raise ValueError("the frozen text encoders were released once every caption was cached; only the "
+                             "validation prompts (encoded in prepare) can be generated")
+        device = self.accelerator.device if self.accelerator is not None else "cpu"
+        ids = {k: v.to(device) for k, v in self.spec.tokenize(self.tokenizers, encoders, prompts).items()}
+        context = self.accelerator.autocast() if self.accelerator is not None and self.trains_text else nullcontext()
         with context:
-            cond = self.model.encode_fn(self.encoders(model), ids)
+            cond = self.spec.encode(encoders, ids)
         return {k: v.cpu() for k, v in cond.items()}
 
     def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         indices = batch["indices"]
-        if self.latent_params is not None:
-            rows = indices
-            if batch.get("flips") is not None:  # rows [N, 2N) hold the mirrored images
-                rows = indices + self.latent_params.shape[0] // 2 * batch["flips"].long()
-            params = self.latent_params[rows].to(device)
+        if self.latent_cache is not None:
+            params = self.latent_cache.rows(indices, batch.get("flips")).to(device)
         else:
             with torch.no_grad():
                 pixels = batch["pixels"].to(device=device, dtype=self.weight_dtype)
@@ -231,12 +284,10 @@ class T2IBundle(ModelBundle):
         x0 = self.sample_latents(params.float(), generator)
         captions = batch["captions"]
         if self.trains_text:
-            cond = {"input_ids": {k: v.to(device) for k, v in self.tokenize(captions).items()}}
+            ids = self.spec.tokenize(self.tokenizers, self.encoders(), captions)
+            cond = {"input_ids": {k: v.to(device) for k, v in ids.items()}}
         elif self.text_cache is not None:
-            tensors, caption_rows, empty = self.text_cache
-            rows = caption_rows[indices].clone()
-            rows[batch["dropped"]] = empty
-            cond = {k: v[rows].to(device) for k, v in tensors.items()}
+            cond = {k: v.to(device) for k, v in self.text_cache.rows(indices, batch["dropped"]).items()}
         else:
             cond = {k: v.to(device) for k, v in self.encode_prompts(captions).items()}
         return x0, cond
@@ -251,31 +302,47 @@ class T2IBundle(ModelBundle):
         shift = self.vae.config.get("shift_factor", None) or 0.0
         return (z - shift) * self.vae.config.scaling_factor
 
-    def predict(self, model, x: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        return model(x, timesteps, cond)
+    def predict(self, model, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return model(x_t, timesteps, cond)
 
-    # ---- validation, checkpoints, export ----------------------------------------------------------
-    def validation_images(self, model, schedule, data, vcfg: dict, device) -> tuple[torch.Tensor, int]:
-        prompts, n = self.validation_prompts, vcfg["num_images"]
-        cond, negative = self.validation_cond or (self.encode_prompts(prompts, model),
-                                                  self.encode_prompts([""], model))
-        cond = {k: v.repeat_interleave(n, dim=0).to(device) for k, v in cond.items()}
-        negative = {k: v.expand(len(prompts) * n, *v.shape[1:]).to(device) for k, v in negative.items()}
-        pipe = self.pipeline(model, self.export_scheduler(schedule))
+    # ---- generation, checkpoints, export --------------------------------------------------------
+    def validation_request(self, validation: dict, data) -> SampleRequest:
+        """The validation prompts (prepare() chose them), `num_images` of each, at the data resolution."""
+        return SampleRequest(prompts=tuple(self.validation_prompts), per_condition=validation["num_images"],
+                             steps=validation["steps"], seed=validation["seed"],
+                             guidance_scale=validation.get("guidance_scale"), resolution=int(data.images.shape[-1]))
+
+    def generate(self, model, schedule, request: SampleRequest, device) -> tuple[torch.Tensor, int]:
+        """The family's pipeline around the live modules, fed prompt embeddings (the validation prompts'
+        from prepare() while the encoders are frozen), with the scheduler export() writes."""
+        prompts, count = list(request.prompts or ()), request.per_condition
+        if not prompts:
+            raise ValueError(f"model={self.spec.name} generates from prompts: the request has none")
+        known = self.validation_embeddings
+        if known is not None and known.prompts == tuple(prompts):
+            cond, negative = known.cond, known.negative
+        else:
+            cond, negative = self.encode_prompts(prompts, model), self.encode_prompts([""], model)
+        cond = {k: v.repeat_interleave(count, dim=0).to(device) for k, v in cond.items()}
+        negative = {k: v.expand(len(prompts) * count, *v.shape[1:]).to(device) for k, v in negative.items()}
+        scheduler = self.spec.export_scheduler(self.inference_scheduler, schedule)
+        pipe = self.spec.pipeline(self.vae, self.tokenizers, self.encoders(model), model.denoiser, scheduler)
         pipe.set_progress_bar_config(disable=True)
-        extra = {} if vcfg.get("guidance_scale") is None else {"guidance_scale": vcfg["guidance_scale"]}
-        resolution = data.images.shape[-1]
-        with self.acc.autocast(), torch.no_grad():
-            images = pipe(**self.prompt_kwargs(cond, negative), num_inference_steps=vcfg["steps"], height=resolution,
-                          width=resolution, generator=torch.Generator("cpu").manual_seed(vcfg["seed"]),
-                          output_type="pt", **extra).images
-        return images.float().cpu() * 2.0 - 1.0, n
+        extra = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
+        resolution = request.resolution or self.resolution
+        autocast = self.accelerator.autocast() if self.accelerator is not None else nullcontext()
+        with autocast, torch.no_grad():
+            images = pipe(**self.spec.prompt_kwargs(cond, negative), num_inference_steps=request.steps,
+                          height=resolution, width=resolution,
+                          generator=torch.Generator("cpu").manual_seed(request.seed), output_type="pt",
+                          **extra).images
+        return images.float().cpu() * 2.0 - 1.0, count
 
-    def checkpoint_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def checkpoint_tensors(self, model) -> dict[str, torch.Tensor]:
         """Only the trainable weights (the whole denoiser, or the adapters): the frozen base is the pipeline's."""
         return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
-    def load_checkpoint_tensors(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    def load_checkpoint_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
         from difftrain.components.lora import cast_training_params
 
         expected = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -292,24 +359,27 @@ class T2IBundle(ModelBundle):
         from diffusers import DiffusionPipeline
 
         final_dir.mkdir(parents=True, exist_ok=True)
-        scheduler = self.export_scheduler(schedule)
+        scheduler = self.spec.export_scheduler(self.inference_scheduler, schedule)
         swap = ema.swapped(model) if ema is not None else nullcontext()
+        denoiser = self.spec.denoiser
         if self.lora is None:
             with swap:
                 pipe = DiffusionPipeline.from_pretrained(
                     self.source.location, revision=self.source.revision, variant=self.source.variant,
                     dtype=torch.float32, **{**self.null_components, "scheduler": scheduler,
-                                            self.denoiser_name: model.denoiser})
+                                            denoiser: model.denoiser})
                 pipe.save_pretrained(str(final_dir))
             if ema is not None:
-                model.denoiser.save_pretrained(str(final_dir / f"{self.denoiser_name}_raw"))
+                model.denoiser.save_pretrained(str(final_dir / f"{denoiser}_raw"))
         else:
             with swap:
-                self.save_lora(final_dir, model)
+                self.spec.save_lora(final_dir, model)
             if ema is not None:
-                self.save_lora(final_dir / "raw", model)
+                self.spec.save_lora(final_dir / "raw", model)
             scheduler.save_pretrained(str(final_dir / "scheduler"))
+        cache_files = {kind: str(cache.path) for kind, cache in (("latents", self.latent_cache),
+                                                                 ("text", self.text_cache)) if cache is not None}
         (final_dir / "difftrain.json").write_text(json.dumps({
-            "family": self.family, "pretrained": self.source.pretrained, "revision": self.source.revision,
+            "family": self.spec.name, "pretrained": self.source.pretrained, "revision": self.source.revision,
             "variant": self.source.variant, "lora": self.lora is not None, "ema": ema is not None,
-            "prediction_type": schedule.prediction_type, "caches": self.cache_files}, indent=2))
+            "prediction_type": schedule.prediction_type, "caches": cache_files}, indent=2))

@@ -1,12 +1,10 @@
-"""Model families: what the engine trains and how to condition, call, sample and export it.
+"""model=unet2d: a pixel-space UNet2DModel, class-conditional when it has a class embedding.
 
-The engine only talks to a `ModelBundle`: `training_schedule()` may replace the scheduler group's
-schedule (pretrained pipelines bring their own), `prepare()` sets the bundle up once before the optimizer
-is built (dtypes, adapters, caches), `inputs()` turns a data batch into (x0, cond), `predict()` calls the
-(possibly accelerate-wrapped) denoiser, `checkpoint_tensors()`/`load_checkpoint_tensors()` say what a
-checkpoint holds, `validation_images()` makes the sample grid and `export()` writes diffusers folders.
-A family (class-conditional UNet2D here; latent text-to-image families in difftrain/engine/families/)
-subclasses it; the loop stays the same.
+The family trains with the schedule built from the `scheduler` group, feeds the data's labels to the model
+only when it has a class embedding (`num_class_embeds` set), and samples every grid (validation, the digits
+evaluation, `difftrain sample`) through one denoise closure around `predict` (components/sampling.py runs
+the loop). `final/unet` (EMA weights; raw ones in `final/unet_raw` when EMA is on) loads with
+`UNet2DModel.from_pretrained`; `final/scheduler` is the training scheduler.
 """
 
 from __future__ import annotations
@@ -16,54 +14,92 @@ from pathlib import Path
 import torch
 
 from difftrain.errors import UserError
+from difftrain.families.protocol import CacheOptions, SampleRequest
+
+UNCONDITIONAL_ROW = 8  # grid row length of unconditional samples
 
 
-class ModelBundle:
-    """Base: a pixel-space denoiser conditioned on optional class labels."""
+def load_unet2d(pretrained: str):
+    """A UNet2DModel from a local folder (its own, or a pipeline's unet/ subfolder) or a hub id."""
+    from diffusers import UNet2DModel
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model  # the trainable module (handed to the optimizer and accelerate)
+    local = Path(pretrained).expanduser()
+    subfolder = "unet" if (local / "unet" / "config.json").is_file() else None
+    try:
+        return UNet2DModel.from_pretrained(str(local) if local.exists() else pretrained, subfolder=subfolder)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load model.pretrained='{pretrained}' as a UNet2DModel ({exc}); "
+                        "give a local folder made with save_pretrained or a reachable hub id") from None
+
+
+class UNet2DFamily:
+    """ModelFamily of a pixel-space denoiser conditioned on optional class labels (registry target)."""
+
+    def __init__(self, name: str = "unet2d", pretrained: str | None = None, **config) -> None:
+        """Built from its UNet2DModel config keys, or loaded from `pretrained` (hub id or local folder)."""
+        from diffusers import UNet2DModel
+
+        self.name = name
+        if pretrained:
+            self.module = load_unet2d(pretrained)
+        else:
+            self.module = UNet2DModel(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()})
+        model_config = self.module.config
         # folder labels feed the model only if it has a class embedding (num_class_embeds set)
-        self.class_conditional = getattr(getattr(model, "config", None), "num_class_embeds", None) is not None
+        self.class_conditional = model_config.num_class_embeds is not None
+        self.channels = int(model_config.in_channels)
+        size = model_config.sample_size
+        self.resolution = int(size if isinstance(size, int) else size[0])  # the data's, once prepared
 
-    def trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
+    # ---- training ---------------------------------------------------------------------------------
+    def training_schedule(self, configured):
+        return configured
 
-    def training_schedule(self, scheduler_cfg: dict):
-        """A NoiseSchedule that replaces the one built from the `scheduler` group, or None to keep it."""
+    def prepare(self, data, accelerator, lora, caches: CacheOptions, validation_prompts: list[str]) -> None:
+        """Nothing to cast or cache (lora, caches and prompts are text-to-image options, rejected by the
+        config rules for this family); samples take the data's image shape."""
+        self.channels, self.resolution = int(data.images.shape[1]), int(data.images.shape[-1])
 
-    def prepare(self, cfg: dict, data, run_dir: Path, accelerator) -> None:
-        """Called once by the Trainer after data and bundle are built, before the optimizer."""
-
-    def checkpoint_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The weights a checkpoint stores (model.safetensors)."""
-        return model.state_dict()
-
-    def load_checkpoint_tensors(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        model.load_state_dict(tensors)
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
 
     def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        """(x0, conditioning kwargs) of one micro-batch, on `device`; random draws (if any) from `generator`."""
         labels = batch.get("labels") if self.class_conditional else None
         return batch["pixels"].to(device), {"class_labels": None if labels is None else labels.to(device)}
 
-    def predict(self, model, x: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        return model(x, timesteps, return_dict=False, **cond)[0]
+    def predict(self, model, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return model(x_t, timesteps, return_dict=False, **cond)[0]
 
-    def validation_images(self, model, schedule, data, vcfg: dict, device) -> tuple[torch.Tensor, int]:
-        """(images in [-1, 1], grid row length) for the validation grid."""
+    def checkpoint_tensors(self, model) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def load_checkpoint_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(tensors)
+
+    # ---- generation -------------------------------------------------------------------------------
+    def validation_request(self, validation: dict, data) -> SampleRequest:
+        """`validation.labels`, `num_per_label` of each (unconditional: 8 rows of `num_per_label`)."""
+        per_label = validation["num_per_label"]
+        labels = tuple(validation["labels"]) if data.num_classes and self.class_conditional else None
+        count = per_label if labels is not None else per_label * UNCONDITIONAL_ROW
+        return SampleRequest(labels=labels, per_condition=count, steps=validation["inference_steps"],
+                             seed=validation["seed"])
+
+    def generate(self, model, schedule, request: SampleRequest, device) -> tuple[torch.Tensor, int]:
+        """`per_condition` samples of each label (repeat_interleave'd: one grid row per label), or
+        `per_condition` unconditional ones; the one denoise closure of this family."""
         from difftrain.components.sampling import sample
 
-        per_label = vcfg["num_per_label"]
         labels = None
-        if data.num_classes and self.class_conditional:
-            labels = torch.tensor(vcfg["labels"]).repeat_interleave(per_label)
-        n = len(labels) if labels is not None else per_label * 8
-        cond = {"class_labels": None if labels is None else labels.to(device)}
-        shape = (n, *data.images.shape[1:])
-        images = sample(lambda x, t: self.predict(model, x, t, cond), schedule, shape,
-                        vcfg["inference_steps"], vcfg["seed"], device)
-        return images, per_label if labels is not None else 8
+        if request.labels is not None:
+            labels = torch.tensor(request.labels).repeat_interleave(request.per_condition)
+        count = len(labels) if labels is not None else request.per_condition
+        class_labels = labels.to(device) if labels is not None and self.class_conditional else None
+        cond = {"class_labels": class_labels}
+        resolution = request.resolution or self.resolution
+        images = sample(lambda x, t: self.predict(model, x, t, cond), schedule,
+                        (count, self.channels, resolution, resolution), request.steps, request.seed, device)
+        return images, request.per_condition if labels is not None else UNCONDITIONAL_ROW
 
     def export(self, final_dir: Path, model, ema, schedule) -> None:
         """final/unet = EMA weights (raw ones in final/unet_raw when EMA is on); final/scheduler."""
@@ -73,19 +109,33 @@ class ModelBundle:
                 model.save_pretrained(final_dir / "unet")
         schedule.scheduler.save_pretrained(final_dir / "scheduler")
 
+    # ---- a finished run ---------------------------------------------------------------------------
+    @classmethod
+    def load_finished(cls, run_dir: Path, cfg: dict, device: str, checkpoint_tensors) -> FinishedUNet2D:
+        """final/unet when present, else the model built from cfg["model"] with the latest checkpoint's
+        (EMA) weights; sampled with the run's `scheduler` group and at its data resolution."""
+        from difftrain import registry
 
-def build_unet2d(name: str, pretrained: str | None = None, **config) -> ModelBundle:
-    """A UNet2DModel from its config keys, or loaded with from_pretrained (hub id or local folder)."""
-    from diffusers import UNet2DModel
+        final = run_dir / "final" / "unet"
+        if (final / "config.json").is_file():
+            family = cls(cfg["model"]["name"], pretrained=str(final))
+        else:
+            family = cls(**{**cfg["model"], "pretrained": None})
+            family.load_checkpoint_tensors(family.module, checkpoint_tensors())
+        family.resolution = int(cfg["data"]["resolution"])
+        family.module.to(device).eval()
+        return FinishedUNet2D(family, registry.build("scheduler", cfg["scheduler"]), device)
 
-    if pretrained:
-        local = Path(pretrained).expanduser()
-        subfolder = "unet" if (local / "unet" / "config.json").is_file() else None
-        try:
-            model = UNet2DModel.from_pretrained(str(local) if local.exists() else pretrained, subfolder=subfolder)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"could not load model.pretrained='{pretrained}' as a UNet2DModel ({exc}); "
-                            "give a local folder made with save_pretrained or a reachable hub id") from None
-        return ModelBundle(model)
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
-    return ModelBundle(UNet2DModel(**kwargs))
+
+class FinishedUNet2D:
+    """A finished unet2d run for `difftrain sample` / `difftrain eval` (protocol.FinishedRun)."""
+
+    def __init__(self, unet2d: UNet2DFamily, schedule, device: str) -> None:
+        self.unet2d, self.schedule, self.device = unet2d, schedule, device
+        self.family = unet2d.name
+        self.conditioning = "labels" if unet2d.class_conditional else None
+        self.num_classes = unet2d.module.config.num_class_embeds
+        self.resolution = unet2d.resolution
+
+    def generate(self, request: SampleRequest) -> tuple[torch.Tensor, int]:
+        return self.unet2d.generate(self.unet2d.module, self.schedule, request, self.device)

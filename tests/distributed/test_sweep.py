@@ -38,7 +38,7 @@ def sweep(tmp_path_factory):
     real = Trainer.compute_loss
 
     def crash_for_cosmap(self, *batch):
-        if self.cfg["loss_weighting"]["name"] == "cosmap":
+        if self.objective.weighting.scheme == "cosmap":
             raise RuntimeError("simulated crash in job 1")
         return real(self, *batch)
 

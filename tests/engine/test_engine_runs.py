@@ -1,10 +1,8 @@
-"""Every scheduler x weighting_scheme x loss_weighting x dream combination trains a few steps."""
+"""End-to-end runs of the engine: pinned losses, zero-terminal-SNR, noise options, outputs diffusers loads."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 
 import pytest
 import torch
@@ -12,25 +10,38 @@ from conftest import tiny_config
 
 from difftrain.config.validate import ConfigError
 
-SCHEDULERS = ["ddpm", "ddpm_v", "sd3"]
-DENSITIES = ["uniform", "logit_normal", "mode"]
-WEIGHTINGS = ["none", "sigma_sqrt", "cosmap", "min_snr"]
-DREAMS = ["off", "on"]
+# Losses and validation losses of 6-step runs, measured with the code before the architecture rework
+# (issue 9): the refactor must keep every number bitwise (the rel=1e-6 slack is for other CPUs only).
+# Every combination of scheduler, weighting and DREAM is checked against an independent reference in
+# tests/engine/test_objective.py; these runs pin the engine around the objective.
+PINNED = {
+    "default": ([], [1.0511380434036255, 1.0787092447280884, 0.9073312878608704, 0.7756812572479248,
+                     0.7481949925422668, 0.6917952299118042],
+                [(0.9390135407447815, 0.9556200802326202), (0.8792639970779419, 0.8855225145816803)]),
+    "sd3_min_snr_dream_offset": (
+        ["scheduler=sd3", "loss_weighting=min_snr", "dream=on", "noise.offset=0.1", "weighting_scheme=logit_normal"],
+        [0.5052293539047241, 0.27265632152557373, 0.1919686496257782, 0.35113397240638733, 0.25970232486724854,
+         0.3398714065551758],
+        [(1.6567654609680176, 1.685133695602417), (1.5596182942390442, 1.5689104199409485)]),
+    "v_mode_cosmap_dream_perturbation": (
+        ["scheduler=ddpm_v", "weighting_scheme=mode", "loss_weighting=cosmap", "noise.input_perturbation=0.1",
+         "dream=on"],
+        [1.0819224119186401, 0.9558064341545105, 1.177282691001892, 1.0062659978866577, 0.7223812341690063,
+         0.8895131945610046],
+        [(0.8063352704048157, 0.8084886968135834), (0.7973987758159637, 0.7984343469142914)]),
+}
 
 
-@pytest.mark.parametrize("scheduler,density,weighting,dream",
-                         list(itertools.product(SCHEDULERS, DENSITIES, WEIGHTINGS, DREAMS)))
-def test_combination_trains(tmp_path, scheduler, density, weighting, dream):
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_pinned_losses(tmp_path, case):
     from difftrain.engine.run import run_training
 
-    cfg = tiny_config(tmp_path / "run", f"scheduler={scheduler}", f"weighting_scheme={density}",
-                      f"loss_weighting={weighting}", f"dream={dream}", "trainer.max_steps=2",
-                      "trainer.checkpoint_every=0", "ema=off")
-    summary = run_training(cfg)
-    assert summary["steps"] == 2
+    overrides, losses, val_losses = PINNED[case]
+    run_training(tiny_config(tmp_path / "run", "trainer.max_steps=6", "trainer.validate_every=3", *overrides))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [x["loss"] for x in lines if "loss" in x]
-    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert [x["loss"] for x in lines if "loss" in x] == pytest.approx(losses, rel=1e-6)
+    assert [(x["val_loss"], x["val_loss_ema"]) for x in lines if "val_loss" in x] == \
+        pytest.approx(val_losses, rel=1e-6)
 
 
 def test_sd3_precondition_outputs_trains(tmp_path):

@@ -183,3 +183,67 @@ def test_draws_come_in_a_fixed_order_from_the_step_generator():
     u = torch.sigmoid(torch.randn(3, generator=g))
     assert torch.equal(draw.noise, noise) and torch.equal(draw.input_noise, perturbed)
     assert torch.equal(draw.indices, (u * 1000).long().clamp(0, 999))
+
+
+def _reference_loss(scheduler_name, weighting, dream, model, x0, noise, idx):
+    """The same loss written independently: diffusers' schedulers, diffusers' compute_snr and
+    compute_loss_weighting_for_sd3, the Min-SNR rules of the papers, DREAM's update written out."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_loss_weighting_for_sd3, compute_snr
+
+    view = (-1, 1, 1, 1)
+    if scheduler_name == "sd3":
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        sigma = sched.sigmas[idx].float()
+        timesteps = sched.timesteps[idx].float()
+        a, b, kind = 1 - sigma, sigma, "flow"
+        snr = ((1 - sigma) / sigma) ** 2
+    else:
+        kind = "epsilon" if scheduler_name == "ddpm" else "v_prediction"
+        sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
+        ab = sched.alphas_cumprod[idx].float()
+        a, b, timesteps, snr = ab**0.5, (1 - ab) ** 0.5, idx, compute_snr(sched, idx)
+        sigma = b / (a + b)
+    a4, b4 = a.view(view), b.view(view)
+
+    def target_of(eps):
+        return {"epsilon": eps, "v_prediction": a4 * eps - b4 * x0, "flow": eps - x0}[kind]
+
+    def predict(x):
+        return model(x) + 1e-3 * timesteps.float().view(view)
+
+    x_t, target = a4 * x0 + b4 * noise, target_of(noise)
+    if dream:
+        with torch.no_grad():
+            p = predict(x_t)
+        eps_hat = {"epsilon": p, "v_prediction": a4 * p + b4 * x_t, "flow": x_t + a4 * p}[kind]
+        delta = (noise - eps_hat) * b4  # lambda = b ** detail_preservation (1.0)
+        x_t, target = x_t + b4 * delta, target_of(noise + delta)  # target is linear in eps
+    per_sample = _mse(predict(x_t), target)
+    if weighting == "none":
+        weights = torch.ones_like(per_sample)
+    elif weighting == "min_snr":
+        gamma = torch.full_like(snr, 5.0)
+        clipped = torch.minimum(snr, gamma)
+        weights = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "flow": clipped * sigma**2}[kind]
+    else:
+        weights = compute_loss_weighting_for_sd3(weighting, sigma)
+    return (per_sample * weights).mean()
+
+
+@pytest.mark.parametrize("dream", [False, True])
+@pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap", "min_snr"])
+@pytest.mark.parametrize("scheduler_name", ["ddpm", "ddpm_v", "sd3"])
+def test_every_scheduler_weighting_dream_combination_against_reference(scheduler_name, weighting, dream):
+    from difftrain.components.noise_schedules import build_schedule
+
+    schedule = build_schedule(scheduler_name, prediction_type="v_prediction") if scheduler_name == "ddpm_v" \
+        else build_schedule(scheduler_name)
+    options = {"gamma": 5.0} if weighting == "min_snr" else {}
+    objective = _objective(schedule, weighting, dream=Dream(1.0) if dream else None, **options)
+    model, family = _model(), LinearFamily()
+    x0, noise = _batch(4)
+    idx = torch.tensor([20, 333, 666, 980])
+    ours = objective.loss(family, model, x0, {}, StepNoise(noise, noise, idx))
+    expected = _reference_loss(scheduler_name, weighting, dream, model, x0, noise, idx)
+    torch.testing.assert_close(ours, expected, rtol=2e-5, atol=0)
