@@ -35,7 +35,7 @@ def engine_trainer(tmp: Path, steps: int):
 
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state(True) if state is AcceleratorState else state._reset_state()
-    cfg = validate(compose_config([f"output_dir={tmp}", "ema=off", "trainer.progress=false",
+    cfg = validate(compose_config([f"output_dir={tmp}", "ema=none", "trainer.progress=false",
                                    f"trainer.max_steps={steps * 10}", "trainer.log_every=1000000"]))
     return Trainer(build_run(cfg, tmp, make_accelerator(cfg)), cfg["trainer"], cfg["seed"], tmp), cfg
 
@@ -128,7 +128,7 @@ def main() -> None:
             hand_ms.append(time_steps(hand, args.steps))
         config_error, first_step = cli_timings(Path(tmp))
     e, h = statistics.median(engine_ms), statistics.median(hand_ms)
-    rows = [("minimal PyTorch loop", h, 1.0), ("difftrain engine (ema=off)", e, e / h)]
+    rows = [("minimal PyTorch loop", h, 1.0), ("difftrain engine (ema=none)", e, e / h)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {cfg['trainer']['batch_size']}, "
           f"{args.steps} steps x {args.repeats} repeats (median)")
     print(f"{'loop':<30}{'ms/step':>10}{'ratio':>8}")

@@ -1,7 +1,10 @@
 """The built-in catalogue: every config group option difftrain ships, registered on import.
 
-One line per option; conf/<group>/<name>.yaml exists for each (tests/test_registry.py checks the
-1:1 mirror). Targets are imported only when the component is built.
+One line per option; conf/<group>/<name>.yaml exists for each (tests/engine/test_docs.py checks the
+1:1 mirror, tests/config/test_yaml_matches_schema.py that the YAML shows the schema's defaults). An option
+that differs from a sibling by one key is a preset: same target and schema, and a YAML file that is
+`defaults: [sibling]` plus that key (ddpm_v, ema_warmup, deepspeed_zero3). An absent component is spelled
+`none` in every group. Targets are imported only when the component is built.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ F = "difftrain.families"
 # scheduler: the diffusion formulation (what x_t and the target are)
 register("scheduler", "ddpm", f"{C}.noise_schedules:build_schedule", "DDPM, epsilon prediction",
          s.DDPMSchedulerConfig)
-register("scheduler", "ddpm_v", f"{C}.noise_schedules:build_schedule", "DDPM, v_prediction",
+register("scheduler", "ddpm_v", f"{C}.noise_schedules:build_schedule", "DDPM, v_prediction (preset of ddpm)",
          s.DDPMSchedulerConfig)
 register("scheduler", "sd3", f"{C}.noise_schedules:build_schedule",
          "rectified flow matching as in SD3 (FlowMatchEulerDiscreteScheduler, shift 3.0)",
@@ -50,16 +53,17 @@ for mode, blurb in (("bilinear", "bilinear"), ("bicubic", "bicubic"), ("box", "b
              s.InterpolationConfig)
 
 # dream: DREAM noise rectification
-register("dream", "off", f"{C}.dream:build_dream", "no DREAM", s.DreamOffConfig)
+register("dream", "none", f"{C}.dream:build_dream", "no DREAM", s.NoDreamConfig)
 register("dream", "on", f"{C}.dream:build_dream",
          "DREAM with detail_preservation p (epsilon, v, sample and flow)", s.DreamConfig)
 
 # ema: exponential moving average of the weights
-register("ema", "off", f"{C}.ema_factory:build_ema", "no EMA", s.EMAOffConfig)
+register("ema", "none", f"{C}.ema_factory:build_ema", "no EMA", s.NoEMAConfig)
 register("ema", "ema", f"{C}.ema_factory:build_ema", "EMA, diffusers schedule (1+k)/(10+k) capped at decay",
          s.EMAConfig)
 register("ema", "ema_warmup", f"{C}.ema_factory:build_ema",
-         "EMA with power warm-up 1-(1+k/inv_gamma)^-power (diffusers' unconditional script)", s.EMAConfig)
+         "EMA with power warm-up 1-(1+k/inv_gamma)^-power, power 0.75 (diffusers' unconditional script; "
+         "preset of ema)", s.EMAConfig)
 
 # model, data, optimizer, lr_scheduler (engine side)
 register("model", "unet2d", f"{F}.unet2d:UNet2DFamily", "UNet2DModel, class-conditional, built or loaded",
@@ -73,9 +77,13 @@ register("optimizer", "adamw", f"{E}.optim:build_optimizer", "torch.optim.AdamW"
 register("optimizer", "sgd", f"{E}.optim:build_optimizer", "torch.optim.SGD", s.SGDConfig)
 register("optimizer", "adamw8bit", f"{E}.optim:build_optimizer", "bitsandbytes AdamW8bit (where it works)",
          s.AdamWConfig)
-for sched in ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"):
+register("lr_scheduler", "constant", f"{E}.optim:build_lr_scheduler",
+         "diffusers.optimization 'constant' schedule (no warm-up)", s.LRSchedulerConfig)
+for sched, schema in (("constant_with_warmup", s.WarmupLRSchedulerConfig), ("linear", s.WarmupLRSchedulerConfig),
+                      ("cosine", s.CosineLRSchedulerConfig), ("cosine_with_restarts", s.CosineRestartsLRSchedulerConfig),
+                      ("polynomial", s.PolynomialLRSchedulerConfig)):
     register("lr_scheduler", sched, f"{E}.optim:build_lr_scheduler",
-             f"diffusers.optimization '{sched}' schedule with linear warm-up", s.LRSchedulerConfig)
+             f"diffusers.optimization '{sched}' schedule with linear warm-up", schema)
 
 # distributed: how the processes of one run share the work (accelerate builds the engine)
 register("distributed", "ddp", f"{E}.distributed:ddp_accelerator_kwargs",
@@ -83,7 +91,8 @@ register("distributed", "ddp", f"{E}.distributed:ddp_accelerator_kwargs",
 register("distributed", "deepspeed_zero2", f"{E}.distributed:deepspeed_accelerator_kwargs",
          "DeepSpeed ZeRO-2 through accelerate: optimizer state and gradients sharded", sd.DeepSpeedConfig)
 register("distributed", "deepspeed_zero3", f"{E}.distributed:deepspeed_accelerator_kwargs",
-         "DeepSpeed ZeRO-3 through accelerate: parameters sharded too (EMA gathered in bounded groups)",
+         "DeepSpeed ZeRO-3 through accelerate: parameters sharded too (EMA gathered in bounded groups; "
+         "preset of deepspeed_zero2)",
          sd.DeepSpeedConfig)
 
 # latent text-to-image families (pretrained diffusers pipelines), their data source and LoRA
@@ -95,7 +104,7 @@ register("model", "sd3", f"{F}.sd3:SD3Family",
 register("data", "hf", f"{D}.sources:build_hf",
          "a Hugging Face `datasets` dataset (hub id, save_to_disk folder or local folder) of images and captions",
          t.HFDataConfig)
-register("lora", "off", f"{F}.lora:build_lora", "train the full denoiser", t.LoraOffConfig)
+register("lora", "none", f"{F}.lora:build_lora", "train the full denoiser", t.NoLoraConfig)
 register("lora", "on", f"{F}.lora:build_lora",
          "LoRA adapters (peft) on the denoiser, optionally the CLIP text encoders; saved in diffusers' LoRA format",
          t.LoraOnConfig)

@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 ENTRY_POINT_GROUP = "difftrain.components"
+RENAMED = {"off": "none"}  # old option name -> new one (every group spells an absent component `none`)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class UnknownComponentError(ValueError):
             msg = f"unknown component group {group!r}; groups: {', '.join(groups()) or '(none)'}"
         else:
             msg = f"unknown {group} {name!r}; registered {group} options: {', '.join(known)}"
+            if RENAMED.get(name) in known:
+                msg += f" (renamed: use {group}={RENAMED[name]})"
         super().__init__(msg)
 
 

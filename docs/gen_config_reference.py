@@ -1,4 +1,4 @@
-"""Regenerate docs/configuration.md from the schemas and the registry: python docs/gen_config_reference.py"""
+"""Regenerate docs/configuration.md from the schemas, the rules and the registry: python docs/gen_config_reference.py"""
 
 from __future__ import annotations
 
@@ -6,20 +6,32 @@ import dataclasses
 import typing
 from pathlib import Path
 
+import yaml
+
 from difftrain import registry
 from difftrain.config import schema
 from difftrain.config.fields import describe_type
+from difftrain.config.rules import RULES
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 HEADER = """# Configuration reference
 
-Generated from the schemas (`difftrain/config/schema.py`) and the registry by
-`python docs/gen_config_reference.py`; `tests/engine/test_docs.py` fails when it is out of date.
+Generated from the schemas (`difftrain/config/schema*.py`), the rules (`difftrain/config/rules.py`), the
+preset files of `conf/` and the registry by `python docs/gen_config_reference.py`; `tests/engine/test_docs.py`
+fails when it is out of date.
 
 `difftrain train` composes `conf/train.yaml`: one option per config group, plus the top-level keys and
 sections below. Choose an option with `group=option` and set a key with `group.key=value`
 (`difftrain train scheduler=sd3 ema.decay=0.999`). Every key is checked before anything is built: an unknown
-key, a wrong type, a value out of range or a combination without meaning exits with code 2 and lists every
-problem.
+key, a wrong type, a value out of range or a combination without meaning (the [rules](#rules)) exits with
+code 2 and lists every problem.
+
+The schema holds every default, and `conf/<group>/<option>.yaml` shows the same values
+(`tests/config/test_yaml_matches_schema.py`). An option that differs from a sibling by one key is a
+preset of it: its YAML file is `defaults: [sibling]` plus that key (`scheduler=ddpm_v`, `ema=ema_warmup`,
+`distributed=deepspeed_zero3`), and a key that contradicts the option's name is rejected. An absent
+component is spelled `none` in every group (`ema=none`, `dream=none`, `lora=none`, `loss_weighting=none`).
 
 Combinations with a defined meaning (documented in docs/components.md):
 - sigma-defined loss weightings (`sigma_sqrt`, `cosmap`) on DDPM schedules use the flow-equivalent
@@ -28,21 +40,15 @@ Combinations with a defined meaning (documented in docs/components.md):
   weight min(SNR, gamma) is used);
 - `dream=on` works for every scheduler (docs/dream.md).
 
-Rejected combinations: epsilon prediction with `scheduler.rescale_betas_zero_snr=true` (x0 is undefined at the
-terminal step: use `scheduler=ddpm_v`); `ema.min_decay > ema.decay`; `ema.update_after_step >= trainer.max_steps`;
-`lr_scheduler.warmup_steps > trainer.max_steps`; `resume` without an existing `output_dir`; a model whose
-`sample_size` is not divisible by 2^(levels-1) or differs from `data.resolution`; `validation.labels` outside the
-model's classes.
-
-Text-to-image (`model=sd15|sd3`, docs/fine-tuning-sd15.md, docs/fine-tuning-sd3.md): `model.pretrained` is
-required (a local path must be a folder with model_index.json); `model=sd15` trains with `scheduler=ddpm|ddpm_v`
-and `model=sd3` with `scheduler=sd3` (which `model=sd3` selects, with `weighting_scheme=logit_normal`; the
-pipeline's scheduler config supplies the tables, the group the prediction type / `precondition_outputs`); they need `data=imagefolder|hf` with RGB images and a resolution that
-is a multiple of 8. Rejected: `lora=on` without a text-to-image model; `lora.train_text_encoder=true` with
-`data.cache_text_embeddings=true`; the caption/cache keys of `data` (`cache_latents`, `cache_text_embeddings`,
-`caption_dropout`, `instance_prompt`) with another model; `trainer.mixed_precision=fp16` without a CUDA GPU
-(at start).
+Text-to-image (`model=sd15|sd3`, docs/fine-tuning-sd15.md, docs/fine-tuning-sd3.md): `model=sd3` also
+selects `scheduler=sd3` and `weighting_scheme=logit_normal`; the pipeline's scheduler config supplies the
+tables (betas, timesteps, shift), the `scheduler` group the prediction type, `rescale_betas_zero_snr` and
+`precondition_outputs`. `trainer.mixed_precision=fp16` without a CUDA GPU is rejected when the run starts.
 """
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def _fields_table(cls) -> list[str]:
@@ -51,7 +57,6 @@ def _fields_table(cls) -> list[str]:
     for f in dataclasses.fields(cls):
         if f.name == "name":
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         meta = f.metadata
         allowed = []
         if meta.get("choices"):
@@ -59,13 +64,38 @@ def _fields_table(cls) -> list[str]:
         for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
             if meta.get(key) is not None:
                 allowed.append(f"{word} {meta[key]:.6g}")
-        rows.append(f"| `{f.name}` | {describe_type(hints[f.name])} | `{default}` | {'; '.join(allowed)} | "
+        rows.append(f"| `{f.name}` | {describe_type(hints[f.name])} | `{_default(f)}` | {'; '.join(allowed)} | "
                     f"{meta.get('doc', '')} |")
     return rows
 
 
+def preset(group: str, name: str) -> tuple[str, dict] | None:
+    """(base option, the keys the preset sets) when conf/<group>/<name>.yaml is `defaults: [base]` + keys."""
+    path = CONF / group / f"{name}.yaml"
+    node = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(node, dict) or "defaults" not in node:
+        return None
+    bases = [d for d in node["defaults"] if d != "_self_"]
+    if len(bases) != 1 or bases[0] not in registry.names(group):  # e.g. model=sd3 also overrides other groups
+        return None
+    return bases[0], {k: v for k, v in node.items() if k not in ("defaults", "name")}
+
+
+def _yaml(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def _rule_line(rule) -> str:
+    return f"- `{rule.__name__}`: {rule.__doc__.strip().splitlines()[0]}"
+
+
 def render() -> str:
-    out = [HEADER, "## Top-level keys", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    out = [HEADER, "## Rules", "",
+           "Checked after every key, in this order (`difftrain/config/rules.py`, one function each):", ""]
+    out += [_rule_line(rule) for rule in RULES]
+    out += ["", "## Top-level keys", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, (tp, f) in schema.TOP_LEVEL_SCALARS.items():
         out.append(f"| `{key}` | {describe_type(tp)} | `{f.default}` | {f.metadata['doc']} |")
     for section, cls in schema.SECTIONS.items():
@@ -76,6 +106,12 @@ def render() -> str:
         for name in registry.names(group):
             entry = registry.get(group, name)
             out += [f"#### `{group}={name}`", "", entry.description, ""]
+            made_of = preset(group, name)
+            if made_of is not None:
+                base, keys = made_of
+                sets = ", ".join(f"`{k}: {_yaml(v)}`" for k, v in keys.items())
+                out += [f"Preset of `{group}={base}` (`conf/{group}/{name}.yaml`): the same keys, with {sets}.", ""]
+                continue
             rows = _fields_table(entry.schema) if entry.schema else []
             out += (rows if len(rows) > 2 else ["(no keys)"]) + [""]
     return "\n".join(out).rstrip() + "\n"

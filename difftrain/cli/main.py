@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
+
+from difftrain.cli.console import print_error, strip_local_rank  # the leaf module every cli module imports
 
 USAGE = """usage: difftrain <command> [args]
 
@@ -14,31 +15,6 @@ commands:
   components             list every config group, its options and what each does
   report SWEEP_DIR       table, CSV and plots of a multirun sweep
 """
-
-
-def print_error(message: str) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
-
-
-def strip_local_rank(argv: list[str]) -> list[str]:
-    """`deepspeed` and `torch.distributed.launch` append --local_rank=N (Hydra would reject it): move it
-    into the LOCAL_RANK environment variable, which torchrun and accelerate set themselves."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        key = arg.split("=", 1)[0]
-        if key in ("--local_rank", "--local-rank"):
-            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-            i += 1 if "=" in arg else 2
-            if value:
-                os.environ.setdefault("LOCAL_RANK", value)
-            continue
-        out.append(arg)
-        i += 1
-    return out
 
 
 def _complete(argv: list[str]) -> int:

@@ -19,9 +19,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 JOB_FILE = "job.json"
+SUMMARY_FILE = "sweep_summary.json"
 COLUMNS = ("job", "overrides", "status", "steps", "loss", "val_loss", "val_loss_ema", "accuracy", "seconds",
            "run_dir", "error")
-LAST_SUMMARY: dict = {}  # the latest sweep of this process (the CLI's exit code reads it)
 
 
 def write_job_record(hydra_cfg, started: float, summary: dict | None = None, error: str | None = None,
@@ -51,7 +51,7 @@ def job_result(hydra_cfg, summary: dict, objective: str):
     target = str(hydra_cfg.sweeper.get("_target_", "")) if "sweeper" in hydra_cfg else ""
     if "optuna" not in target.lower():
         return summary
-    from difftrain.cli.main import print_error
+    from difftrain.cli.console import print_error
 
     direction = str(hydra_cfg.sweeper.get("direction", "")).lower()
     wanted = "max" if objective == "accuracy" else "min"
@@ -102,9 +102,18 @@ def collect(sweep_dir: Path) -> list[dict]:
 def write_summary(sweep_dir: Path, rows: list[dict]) -> dict:
     summary = {"sweep_dir": str(sweep_dir), "jobs": len(rows),
                "failed": sum(r["status"] != "ok" for r in rows), "runs": rows}
-    (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))
+    (sweep_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     write_csv(sweep_dir / "sweep_summary.csv", rows)
     return summary
+
+
+def failed_jobs(sweep_dir: Path, since: float | None = None) -> int | None:
+    """How many jobs failed, from the sweep_summary.json in `sweep_dir`; None when there is none (or only
+    one written before `since`, a time.time(), i.e. by an earlier sweep into the same folder)."""
+    path = sweep_dir / SUMMARY_FILE
+    if not path.is_file() or (since is not None and path.stat().st_mtime < since - 2.0):  # 2 s: coarse mtimes
+        return None
+    return int(json.loads(path.read_text()).get("failed", 0))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -144,9 +153,7 @@ class SweepSummary(Callback):
         rows = collect(sweep_dir)
         if not sweep_dir.is_dir():
             return
-        summary = write_summary(sweep_dir, rows)
-        LAST_SUMMARY.clear()
-        LAST_SUMMARY.update(summary)
+        summary = write_summary(sweep_dir, rows)  # the CLI's exit status is read from it (cli/train.py)
         console = Console()
         if not console.is_terminal:  # piped or logged: do not fold the overrides at 80 columns
             console = Console(width=160)

@@ -2,18 +2,24 @@
 
 Before Hydra runs, each job's config (every combination of a `-m` sweep) is composed with Hydra's
 compose API and validated against the schemas, so a typo or bad value exits 2 in well under two
-seconds with every problem listed, and nothing is written.
+seconds with every problem listed, and nothing is written. A sweep's folder is resolved once here and
+handed to Hydra, and the exit status (1 when a job failed) is read from the `sweep_summary.json` that the
+SweepSummary callback (cli/sweep.py) writes there.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import sys
 import time
+from pathlib import Path
 
 CONFIG_MODULE = "difftrain.conf"
 HYDRA_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion",
                     "-sc", "--resolve", "--package", "-p", "--version"}
+JOB_NAME = "train"  # hydra.job.name of a `difftrain train` job (hydra.main names it after this module)
 HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
 
@@ -39,20 +45,23 @@ def _split(args: list[str]) -> tuple[list[str], bool, bool]:
 
 
 def _job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """Every job's override list (the cartesian product of discrete sweeps)."""
+    """Every job's override list: the cartesian product of the discrete sweeps (`a=1,2`, `range(...)`), in
+    the order Hydra's basic sweeper runs them, through Hydra's public override parser. Interval sweeps
+    (`interval(...)`, Optuna's search space) cannot be enumerated: their keys keep the config's value here."""
     if not multirun:
         return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
-    try:
-        (batch,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-        return batch
-    except HydraException:  # range/interval sweeps (Optuna): check the fixed part only
-        return [[o.input_line for o in parsed if not o.is_sweep_override()]]
+    choices: dict[str, list[str]] = {}  # key -> its values as overrides; a later override of a key wins
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if override.is_interval_sweep():
+            choices.pop(key, None)
+        elif override.is_discrete_sweep():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [override.input_line]
+    return [list(job) for job in itertools.product(*choices.values())]
 
 
 def compose_config(overrides: list[str]) -> dict:
@@ -65,14 +74,36 @@ def compose_config(overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def resolve_sweep_dir(overrides: list[str]) -> str | None:
+    """The folder a `-m` sweep with these overrides will use (`hydra.sweep.dir`, its `${now:...}` resolved
+    now), or None when it cannot be worked out before Hydra runs (then the sweep keeps Hydra's own)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    try:
+        first_job = _job_overrides([o for o in overrides if not _is_hydra(o)], multirun=True)[0]
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3", job_name=JOB_NAME):
+            cfg = compose(config_name="train", overrides=[*first_job, *filter(_is_hydra, overrides)],
+                          return_hydra_config=True)
+        sweep_dir = str(OmegaConf.select(cfg, "hydra.sweep.dir"))
+    except Exception:  # e.g. a launcher plugin that is not installed: Hydra reports it when it runs
+        return None
+    return sweep_dir if "'" not in sweep_dir and not sweep_dir.endswith("\\") else None
+
+
+def _is_hydra(override: str) -> bool:
+    return override.lstrip("+~").startswith("hydra")
+
+
 def precheck(overrides: list[str], multirun: bool) -> None:
     """Compose and validate each job; raise ConfigError listing every problem of every job."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from difftrain import registry
     from difftrain.config.validate import ConfigError, validate
 
-    user = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    user = [o for o in overrides if not _is_hydra(o)]
     try:
         jobs = _job_overrides(user, multirun)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -85,8 +116,11 @@ def precheck(overrides: list[str], multirun: bool) -> None:
         except ConfigError as exc:
             problems = exc.errors
         except (HydraException, OmegaConfBaseException) as exc:
-            message = " ".join(str(exc).split()).split(" Config search path")[0]
-            problems = [message.removeprefix("In 'train': ")]
+            message = " ".join(str(exc).split()).split(" Config search path")[0].removeprefix("In 'train': ")
+            renamed = re.search(r"Could not find '(\w+)/(\w+)'", message)
+            if renamed and renamed.group(2) in registry.RENAMED:
+                message += f" (renamed: use {renamed.group(1)}={registry.RENAMED[renamed.group(2)]})"
+            problems = [message]
         for problem in problems:
             failing.setdefault(problem, []).append(" ".join(job))
     errors = [msg if len(where) == len(jobs) else f"{msg} (in job: {'; '.join(where)})"
@@ -96,12 +130,11 @@ def precheck(overrides: list[str], multirun: bool) -> None:
 
 
 def train_command(args: list[str]) -> int:
+    from difftrain.cli.console import print_error
     from difftrain.config.validate import ConfigError
 
     overrides, multirun, info = _split(args)
     if multirun and not info and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from difftrain.cli.main import print_error
-
         print_error("a -m sweep cannot run inside a multi-process launch (every rank would run every job); "
                     "launch the sweep once, e.g. with hydra/launcher=submitit_slurm (docs/sweeps.md), or "
                     "launch each run separately with accelerate launch / torchrun")
@@ -110,17 +143,19 @@ def train_command(args: list[str]) -> int:
         try:
             precheck(overrides, multirun)
         except ConfigError as exc:
-            from difftrain.cli.main import print_error
-
             print_error("invalid config:\n  - " + "\n  - ".join(exc.errors) +
                         "\n(difftrain train --help lists the groups and options; docs/configuration.md every key)")
             return 2
-    from difftrain.cli import sweep
-
-    sweep.LAST_SUMMARY.clear()
-    sys.argv = ["difftrain train", *args]
+    sweep_dir = resolve_sweep_dir(overrides) if multirun and not info else None
+    pin = [f"hydra.sweep.dir='{sweep_dir}'"] if sweep_dir else []  # Hydra uses the folder we read below
+    sys.argv = ["difftrain train", *args, *pin]
+    started = time.time()
     _hydra_main()
-    return 1 if multirun and sweep.LAST_SUMMARY.get("failed") else 0  # a sweep with a failed job exits 1
+    if sweep_dir is None:
+        return 0
+    from difftrain.cli.sweep import failed_jobs
+
+    return 1 if failed_jobs(Path(sweep_dir), since=started) else 0  # a sweep with a failed job exits 1
 
 
 def _task(cfg) -> dict | float | None:
@@ -131,7 +166,7 @@ def _task(cfg) -> dict | float | None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from difftrain.cli.main import print_error
+    from difftrain.cli.console import print_error
     from difftrain.cli.sweep import job_result, write_job_record
     from difftrain.config.validate import ConfigError, validate
     from difftrain.errors import UserError

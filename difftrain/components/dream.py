@@ -82,4 +82,4 @@ class Dream:
 
 
 def build_dream(name: str, detail_preservation: float = 1.0) -> Dream | None:
-    return None if name == "off" else Dream(detail_preservation)
+    return None if name == "none" else Dream(detail_preservation)

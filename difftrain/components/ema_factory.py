@@ -55,4 +55,4 @@ class EMAFactory:
 
 
 def build_ema(name: str, **options) -> EMAFactory | None:
-    return None if name == "off" else EMAFactory(options)
+    return None if name == "none" else EMAFactory(options)

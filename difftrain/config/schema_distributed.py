@@ -4,7 +4,8 @@
 `deepspeed_*` options hand model, gradients and optimizer to DeepSpeed's ZeRO engine through accelerate's
 DeepSpeedPlugin; difftrain writes the DeepSpeed config from these keys and from `trainer` (micro-batch,
 accumulation, `max_grad_norm` -> `gradient_clipping`, `mixed_precision` -> `bf16`/`fp16`), so one YAML
-drives both engines. Pure Python: no torch, accelerate or deepspeed import here.
+drives both engines. `deepspeed_zero3` is a preset of `deepspeed_zero2` (conf/distributed/deepspeed_zero3.yaml:
+`zero_stage: 3`). Pure Python: no torch, accelerate or deepspeed import here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from difftrain.config.fields import opt
 OFFLOAD = ("none", "cpu", "nvme")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DDPConfig:
     name: str = "ddp"
     backend: str | None = opt(None, "process-group backend; null = accelerate's choice (nccl on GPUs, gloo on CPU)",
@@ -25,11 +26,11 @@ class DDPConfig:
     find_unused_parameters: bool = opt(False, "DDP: allow parameters that receive no gradient (slower)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     name: str = "deepspeed_zero2"
-    zero_stage: int = opt(2, "ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also the parameters",
-                          choices=(1, 2, 3))
+    zero_stage: int = opt(2, "ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also the parameters "
+                             "(distributed=deepspeed_zero3)", choices=(1, 2, 3))
     offload_optimizer: str = opt("none", "where optimizer state lives (ZeRO-Offload)", choices=OFFLOAD)
     offload_param: str = opt("none", "where parameters live between uses (ZeRO-3 only)", choices=OFFLOAD)
     nvme_path: str | None = opt(None, "folder on a fast local disk for nvme offload")
@@ -43,19 +44,3 @@ class DeepSpeedConfig:
     stage3_param_persistence_threshold: int = opt(100_000, "ZeRO-3: parameters with fewer elements stay whole "
                                                            "on every rank", ge=0)
     timeout_s: int = opt(1800, "seconds a collective may wait for the other processes", ge=1)
-
-    def check(self, cfg: dict) -> list[str]:
-        errors = []
-        if self.offload_param != "none" and self.zero_stage != 3:
-            errors.append(f"distributed.offload_param={self.offload_param} needs ZeRO-3 "
-                          f"(distributed.zero_stage={self.zero_stage}); use distributed=deepspeed_zero3")
-        if "nvme" in (self.offload_param, self.offload_optimizer) and not self.nvme_path:
-            errors.append("nvme offload needs distributed.nvme_path=/path/on/a/local/nvme/disk")
-        trainer = cfg.get("trainer", {})
-        if trainer.get("cpu"):
-            errors.append("trainer.cpu=true cannot be combined with DeepSpeed (accelerate runs DeepSpeed on the "
-                          "accelerator); on a machine without GPUs leave trainer.cpu=false: DeepSpeed picks its "
-                          "CPU accelerator itself")
-        if cfg.get("optimizer", {}).get("name") == "adamw8bit":
-            errors.append("optimizer=adamw8bit is not supported under DeepSpeed; use optimizer=adamw")
-        return errors

@@ -2,6 +2,9 @@
 
 Runs before torch is imported: a typo, a wrong type, an out-of-range value or a meaningless
 combination is reported in well under a second, all at once, and nothing is built or written.
+Two passes: every key against its schema field (type, bounds, choices; defaults filled), then every rule of
+difftrain/config/rules.py (`RULES`) on the checked config. A plugin's schema may also define
+`check(self, cfg) -> list[str]` for rules of its own option; it runs after `RULES`.
 """
 
 from __future__ import annotations
@@ -9,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from pathlib import Path
 from typing import Any
 
 from difftrain import registry
 from difftrain.config import schema
 from difftrain.config.fields import check_bounds, coerce, describe_type
+from difftrain.config.rules import RULES
 
 
 class ConfigError(ValueError):
@@ -31,13 +34,16 @@ def _suggest(key: str, allowed: list[str]) -> str:
 
 
 def _check_dataclass(prefix: str, node: Any, cls: type, errors: list[str]) -> dict | None:
-    """Check `node` against dataclass `cls`; returns the node with defaults filled and values coerced."""
+    """Check `node` against dataclass `cls`; returns the node with defaults filled and values coerced, or None
+    when a value is wrong (so that the rules only ever see complete, well-typed nodes). An unknown key is
+    reported and left out; the rest of the node still counts as checked."""
     if not isinstance(node, dict):
         errors.append(f"{prefix} must be a mapping, got {type(node).__name__}")
         return None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
+    wrong = False
     for key, value in node.items():
         if key not in fields:
             allowed = sorted(fields)
@@ -47,10 +53,12 @@ def _check_dataclass(prefix: str, node: Any, cls: type, errors: list[str]) -> di
         ok, coerced = coerce(value, hints[key])
         if not ok:
             errors.append(f"{prefix}.{key} must be {describe_type(hints[key])}, got {value!r}")
+            wrong = True
             continue
         problem = check_bounds(coerced, fields[key].metadata) if coerced is not None else None
         if problem:
             errors.append(f"{prefix}.{key}={coerced!r} {problem}")
+            wrong = True
             continue
         out[key] = coerced
     for name, f in fields.items():  # defaults for keys the YAML left out
@@ -59,7 +67,7 @@ def _check_dataclass(prefix: str, node: Any, cls: type, errors: list[str]) -> di
                 out[name] = f.default
             elif f.default_factory is not dataclasses.MISSING:
                 out[name] = f.default_factory()
-    return out
+    return None if wrong else out
 
 
 def validate(cfg: dict) -> dict:
@@ -103,36 +111,12 @@ def validate(cfg: dict) -> dict:
         if checked is not None:
             out[group] = checked
             options[group] = entry.schema(**checked)
-    for instance in options.values():  # cross-key checks, with the whole config in view
+    for rule in RULES:  # the rules that span keys, with the whole checked config in view
+        errors.extend(rule(out))
+    for instance in options.values():  # a plugin option's own check(), if its schema has one
         check = getattr(instance, "check", None)
         if check is not None:
             errors.extend(check(out))
-    errors.extend(_combinations(out))
     if errors:
         raise ConfigError(errors)
     return out
-
-
-def _combinations(cfg: dict) -> list[str]:
-    """Combinations that have no meaning (each documented in docs/configuration.md)."""
-    errors = []
-    if cfg.get("resume") and not cfg.get("output_dir"):
-        errors.append("resume needs output_dir: pass the run folder to continue, "
-                      "e.g. output_dir=outputs/2026-01-01_12-00-00 resume=latest")
-    elif cfg.get("resume") and not Path(cfg["output_dir"]).expanduser().is_dir():
-        errors.append(f"resume={cfg['resume']} but output_dir '{cfg['output_dir']}' does not exist; "
-                      "pass the folder of the run to continue")
-    model, data = cfg.get("model", {}), cfg.get("data", {})
-    val = cfg.get("validation", {})
-    n_classes = model.get("num_class_embeds")
-    if n_classes is not None and data.get("num_classes") is not None and data["num_classes"] > n_classes:
-        errors.append(f"data.num_classes ({data['num_classes']}) exceeds model.num_class_embeds ({n_classes})")
-    labels = val.get("labels") or []
-    if n_classes is not None and any(not 0 <= lab < n_classes for lab in labels):
-        errors.append(f"validation.labels {labels} must lie in [0, {n_classes})")
-    if model.get("sample_size") not in (None, data.get("resolution")) and not model.get("pretrained"):
-        errors.append(f"model.sample_size ({model.get('sample_size')}) differs from data.resolution "
-                      f"({data.get('resolution')}); leave model.sample_size at ${{data.resolution}}")
-    if cfg.get("trainer", {}).get("mixed_precision") == "fp16" and cfg.get("trainer", {}).get("cpu"):
-        errors.append("trainer.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
-    return errors

@@ -38,7 +38,7 @@ class ImageDataset:
         are drawn from `generator`; a dropped caption becomes the empty prompt."""
         x = self.images[indices]
         flip = None
-        if self.random_flip:
+        if self.random_flip and generator is not None:  # augmentation is for training only
             flip = torch.rand(len(indices), generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         labels = self.labels[indices] if self.labels is not None else None
@@ -84,7 +84,7 @@ def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: b
     """Load, resize (shorter side, chosen interpolation) and crop every image once; read the captions.
 
     `cache_options` (cache_latents, cache_text_embeddings, cache_dir) are read by the text-to-image
-    families, which build the caches (difftrain/engine/families/cache.py)."""
+    families, which build the caches (difftrain/data/cache.py)."""
     from PIL import Image
 
     from difftrain.data.captions import read_captions

@@ -43,7 +43,7 @@ class LoraSpec:
 def build_lora(name: str, rank: int = 4, alpha: float | None = None, dropout: float = 0.0, init: str = "gaussian",
                target_modules=None, train_text_encoder: bool = False,
                text_encoder_target_modules=("q_proj", "k_proj", "v_proj", "out_proj")) -> LoraSpec | None:
-    if name == "off":
+    if name == "none":
         return None
     return LoraSpec(rank, alpha, dropout, init, tuple(target_modules) if target_modules else None,
                     train_text_encoder, tuple(text_encoder_target_modules))

@@ -81,6 +81,7 @@ class ModelFamily(Protocol):
         """Write `final/` (EMA weights when `ema` is set) in the formats diffusers loads."""
 
 
+@runtime_checkable
 class FinishedRun(Protocol):
     """A finished run loaded for inference by `difftrain sample` / `difftrain eval`."""
 

@@ -70,6 +70,97 @@ def test_sample_rejects_out_of_range_labels(finished_run):
     assert result.returncode == 2 and "must lie in [0, 10)" in result.stderr
 
 
+def test_sample_rejects_prompts_on_a_label_run(finished_run):
+    result = cli("sample", str(finished_run), "--prompt", "a dog")
+    assert result.returncode == 2 and "--prompt is for text-to-image runs" in result.stderr
+
+
+def test_sample_from_the_latest_checkpoint_when_final_is_missing(finished_run, tmp_path):
+    """Without final/, the family builds the model from config.yaml and loads the latest checkpoint's
+    weights with the EMA weights over them; the grid equals the one from final/unet (the EMA weights)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "final")
+    for source, out in ((finished_run, tmp_path / "final.png"), (run, tmp_path / "ckpt.png")):
+        result = cli("sample", str(source), "--labels", "3", "--num", "2", "--steps", "2", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "final.png").read_bytes() == (tmp_path / "ckpt.png").read_bytes()
+    shutil.rmtree(run / "checkpoints")
+    result = cli("sample", str(run))
+    assert result.returncode == 2 and "neither final outputs nor a complete checkpoint" in result.stderr
+
+
+def test_one_denoise_closure_for_validation_evaluation_and_the_cli(finished_run):
+    """The family's generate() is today's sampling loop around `model(x, t, class_labels=...)`, bitwise."""
+    from omegaconf import OmegaConf
+
+    from difftrain import registry
+    from difftrain.components.sampling import sample
+    from difftrain.families.protocol import FinishedRun, ModelFamily, SampleRequest
+    from difftrain.families.unet2d import UNet2DFamily
+
+    cfg = OmegaConf.to_container(OmegaConf.load(finished_run / "config.yaml"))
+    assert registry.get("model", "unet2d").load() is UNet2DFamily
+    run = UNet2DFamily.load_finished(finished_run, cfg, "cpu", lambda: pytest.fail("final/unet exists"))
+    assert isinstance(run.unet2d, ModelFamily) and isinstance(run, FinishedRun)
+    assert (run.conditioning, run.num_classes, run.resolution) == ("labels", 10, 8)
+    images, nrow = run.generate(SampleRequest(labels=tuple(range(10)), per_condition=2, steps=2, seed=5))
+    labels = torch.arange(10).repeat_interleave(2)
+    model = run.unet2d.module
+    expected = sample(lambda x, t: model(x, t, class_labels=labels, return_dict=False)[0], run.schedule,
+                      (20, 1, 8, 8), 2, 5, "cpu")
+    assert nrow == 2 and torch.equal(images, expected)
+    request = run.unet2d.validation_request({**cfg["validation"], "labels": [4, 1]}, type("D", (), {"num_classes": 10}))
+    assert request == SampleRequest(labels=(4, 1), per_condition=1, steps=2, seed=cfg["validation"]["seed"])
+
+
+def test_cli_imports_no_diffusers(tmp_path):
+    """No module of difftrain/cli imports diffusers (anywhere in it), and `difftrain sample`/`eval` on a run of
+    a family whose loading imports nothing leave diffusers unimported: the CLI only dispatches."""
+    import ast
+    from pathlib import Path
+
+    cli_dir = Path(__file__).resolve().parents[2] / "difftrain" / "cli"
+    for path in sorted(cli_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "diffusers" for n in names), f"{path.name} imports {names}"
+    (tmp_path / "fake_family.py").write_text(
+        "import torch\n"
+        "class FakeRun:\n"
+        "    family, conditioning, num_classes, resolution = 'fake', 'labels', 3, 8\n"
+        "    def generate(self, request):\n"
+        "        return torch.zeros(len(request.labels) * request.per_condition, 1, 8, 8), request.per_condition\n"
+        "class FakeFamily:\n"
+        "    @classmethod\n"
+        "    def load_finished(cls, run_dir, cfg, device, checkpoint_tensors):\n"
+        "        return FakeRun()\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(json.dumps({
+        "model": {"name": "fake"}, "trainer": {"cpu": True}, "data": {"name": "digits", "num_classes": 3},
+        "eval": {"samples_per_label": 1, "inference_steps": 1, "seed": 0}}))
+    script = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+from difftrain import registry
+registry.register("model", "fake", "fake_family:FakeFamily", "a family that loads nothing")
+from difftrain.cli.main import main
+assert main(["sample", {str(run)!r}, "--labels", "0,2", "--num", "2", "--steps", "1"]) == 0
+assert main(["sample", {str(run)!r}, "--prompt", "a dog"]) == 2
+assert main(["eval", {str(run)!r}]) == 0
+print("diffusers modules:", sorted(m for m in sys.modules if m.split(".")[0] == "diffusers"))
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=cli_env(), capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "diffusers modules: []" in result.stdout
+    assert (run / "samples" / "sample_0-2.png").is_file() and (run / "eval.json").is_file()
+
+
 def test_imagefolder_with_class_subfolders_trains(tmp_path):
     from difftrain.engine.run import run_training
 

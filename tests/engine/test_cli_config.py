@@ -64,7 +64,7 @@ def test_help_lists_groups_and_options(tmp_path):
     result = run_cli("train", "--help", cwd=tmp_path)
     assert result.returncode == 0
     for text in ("scheduler: ddpm, ddpm_v, sd3", "loss_weighting: cosmap, min_snr, none, sigma_sqrt",
-                 "weighting_scheme: logit_normal, mode, uniform", "dream: off, on"):
+                 "weighting_scheme: logit_normal, mode, uniform", "dream: none, on"):
         assert text in result.stdout
 
 

@@ -69,7 +69,7 @@ def test_noise_offset_and_input_perturbation_change_the_loss(tmp_path):
     from difftrain.engine.run import run_training
 
     def first_loss(name, *extra):
-        run_training(tiny_config(tmp_path / name, "trainer.max_steps=1", "ema=off", *extra))
+        run_training(tiny_config(tmp_path / name, "trainer.max_steps=1", "ema=none", *extra))
         return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
     base = first_loss("base")

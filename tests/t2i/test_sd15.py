@@ -72,7 +72,7 @@ def test_v_prediction_min_snr_dream_without_caches(tmp_path, sd15, images):
 
     run = tmp_path / "run"
     run_training(t2i_config(run, "sd15", sd15, images, "scheduler=ddpm_v", "loss_weighting=min_snr", "dream=on",
-                            "data.cache_text_embeddings=false", "ema=off", "trainer.max_steps=2"))
+                            "data.cache_text_embeddings=false", "ema=none", "trainer.max_steps=2"))
     assert not (run / "cache").exists()
     pipe = DiffusionPipeline.from_pretrained(str(run / "final"))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -82,7 +82,7 @@ def test_v_prediction_min_snr_dream_without_caches(tmp_path, sd15, images):
 def test_cached_and_uncached_runs_agree(tmp_path, sd15, images):
     from difftrain.engine.run import run_training
 
-    common = ("ema=off", "trainer.max_steps=2", "data.random_flip=true", "data.caption_dropout=0.5")
+    common = ("ema=none", "trainer.max_steps=2", "data.random_flip=true", "data.caption_dropout=0.5")
     run_training(t2i_config(tmp_path / "cached", "sd15", sd15, images, *common, "data.cache_latents=true"))
     run_training(t2i_config(tmp_path / "plain", "sd15", sd15, images, *common, "data.cache_text_embeddings=false"))
     a, b = losses(tmp_path / "cached"), losses(tmp_path / "plain")
@@ -170,7 +170,7 @@ def test_sample_command_writes_a_grid(tmp_path, sd15, images):
     from difftrain.engine.run import run_training
 
     run = tmp_path / "run"
-    run_training(t2i_config(run, "sd15", sd15, images, "lora=on", "trainer.max_steps=1", "ema=off"))
+    run_training(t2i_config(run, "sd15", sd15, images, "lora=on", "trainer.max_steps=1", "ema=none"))
     out = tmp_path / "grid.png"
     code = main(["sample", str(run), "--prompt", "a red cat", "--prompt", "a dog", "--num", "2", "--steps", "2",
                  "--out", str(out)])

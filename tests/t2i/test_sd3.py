@@ -43,24 +43,25 @@ def test_full_finetune_preconditioned_uses_the_pipeline_scheduler(tmp_path, sd3,
     from diffusers import DiffusionPipeline, SD3Transformer2DModel
 
     from difftrain.engine.run import run_training
-    from difftrain.engine.trainer import Trainer
+    from difftrain.families.sd3 import SD3Family
 
     seen = {}
-    real_init = Trainer.__init__
+    real = SD3Family.training_schedule
 
-    def spy(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        seen["schedule"] = self.schedule
+    def spy(self, configured):  # the schedule the engine trains with is what the family returns
+        seen["configured"], seen["schedule"] = configured, real(self, configured)
+        return seen["schedule"]
 
     run = tmp_path / "run"
-    cfg = t2i_config(run, "sd3", sd3, images, "scheduler.precondition_outputs=true", "scheduler.shift=1.0",
+    cfg = t2i_config(run, "sd3", sd3, images, "scheduler.precondition_outputs=true",
                      "weighting_scheme=logit_normal", "loss_weighting=sigma_sqrt", "loss_weighting.max_weight=100",
                      "data.cache_latents=true")
-    monkeypatch.setattr(Trainer, "__init__", spy)
+    monkeypatch.setattr(SD3Family, "training_schedule", spy)
     run_training(cfg)
+    assert seen["configured"].precondition_outputs  # the `scheduler` group's schedule, replaced
     schedule = seen["schedule"]
     assert schedule.prediction_type == "flow" and schedule.precondition_outputs
-    assert schedule.scheduler.config.shift == 3.0  # the pipeline's value, not the group's shift=1.0
+    assert schedule.scheduler.config.shift == 3.0  # the pipeline's value (the config rules reject scheduler.shift)
     assert schedule.sigma(torch.tensor([999])).item() == pytest.approx(3 * 0.001 / (1 + 2 * 0.001), rel=1e-4)
     pipe = DiffusionPipeline.from_pretrained(str(run / "final"))
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.scheduler.config.shift == 3.0
@@ -144,7 +145,7 @@ def test_pipeline_without_t5_trains_with_zero_t5_states(tmp_path, pipes, images)
 
     no_t5 = pipeline_dir("sd3_no_t5", pipes)
     run = tmp_path / "run"
-    run_training(t2i_config(run, "sd3", no_t5, images, "trainer.max_steps=2", "ema=off",
+    run_training(t2i_config(run, "sd3", no_t5, images, "trainer.max_steps=2", "ema=none",
                             "model.max_sequence_length=8"))
     # diffusers loads a pipeline saved without T5 only when told so (its own quirk)
     pipe = DiffusionPipeline.from_pretrained(str(run / "final"), text_encoder_3=None, tokenizer_3=None)

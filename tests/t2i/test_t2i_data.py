@@ -76,7 +76,7 @@ def test_cache_is_reused_and_invalidated_by_what_changes_it(tmp_path, sd15, monk
     monkeypatch.setattr(caches, "encode_latent_parameters", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def run(name, *extra):
-        run_training(t2i_config(tmp_path / name, "sd15", sd15, data, "trainer.max_steps=1", "ema=off",
+        run_training(t2i_config(tmp_path / name, "sd15", sd15, data, "trainer.max_steps=1", "ema=none",
                                 "data.cache_latents=true", f"data.cache_dir={shared}", *extra))
         return sorted(p.name for p in shared.glob("*.safetensors"))
 
@@ -96,12 +96,12 @@ def test_run_cache_folder_keeps_only_the_current_files(tmp_path, sd15):
 
     data = write_images(tmp_path / "photos", n=8)
     run = tmp_path / "run"
-    run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=2", "ema=off", "data.cache_latents=true"))
+    run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=2", "ema=none", "data.cache_latents=true"))
     files = sorted(p.name for p in (run / "cache").iterdir())
     assert [f.split("-")[0] for f in files] == ["latents", "text"]
     # resuming reads the same files (nothing recomputed, nothing else written)
     before = {p.name: p.stat().st_mtime_ns for p in (run / "cache").iterdir()}
-    run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=3", "ema=off", "data.cache_latents=true",
+    run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=3", "ema=none", "data.cache_latents=true",
                             "resume=latest"))
     assert {p.name: p.stat().st_mtime_ns for p in (run / "cache").iterdir()} == before
 
@@ -117,8 +117,72 @@ def test_hf_dataset_from_save_to_disk(tmp_path, sd15):
     ds = datasets.Dataset.from_dict({"picture": images, "caption": CAPTIONS}).cast_column("picture", datasets.Image())
     ds.save_to_disk(str(tmp_path / "ds"))
     hf = ("data=hf", f"data.dataset={tmp_path / 'ds'}", "data.image_column=picture", "data.caption_column=caption",
-          "trainer.max_steps=1", "ema=off")
+          "trainer.max_steps=1", "ema=none")
     summary = run_training(t2i_config(tmp_path / "run", "sd15", sd15, None, *hf, "data.cache_latents=true"))
     assert summary["steps"] == 1
     with pytest.raises(UserError, match="has no column 'photo'; its columns are picture, caption"):
         run_training(t2i_config(tmp_path / "bad", "sd15", sd15, None, *hf, "data.image_column=photo"))
+
+
+def test_cache_objects_give_the_rows_of_a_batch():
+    from pathlib import Path
+
+    from difftrain.families.t2i import LatentCache, TextCache
+
+    latents = LatentCache(torch.arange(8.0).view(8, 1), Path("latents.safetensors"))  # 4 images, both flips
+    assert latents.rows(torch.tensor([0, 3]), None).flatten().tolist() == [0.0, 3.0]
+    assert latents.rows(torch.tensor([0, 3]), torch.tensor([True, False])).flatten().tolist() == [4.0, 3.0]
+    text = TextCache({"e": torch.tensor([[0.0], [1.0], [2.0]])}, torch.tensor([1, 2, 1]), 0, Path("text.safetensors"))
+    rows = text.rows(torch.tensor([2, 1, 0]), torch.tensor([False, True, False]))
+    assert rows["e"].flatten().tolist() == [1.0, 0.0, 1.0]  # a dropped caption gets the empty prompt's row
+
+
+def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
+    """SD15Family is a ModelFamily: prepare() gets data, accelerator, lora, caches and prompts (no config,
+    no registry), builds named caches, and generates the validation grid from the request it makes."""
+    from accelerate import Accelerator
+
+    from difftrain import registry
+    from difftrain.components.interpolation import resolve_interpolation_mode
+    from difftrain.components.noise_schedules import build_schedule
+    from difftrain.data.sources import build_imagefolder
+    from difftrain.families.protocol import CacheOptions, ModelFamily
+    from difftrain.families.sd15 import SD15Family
+    from difftrain.families.t2i import LatentCache, TextCache
+
+    assert registry.get("model", "sd15").load() is SD15Family
+    family = SD15Family("sd15", pretrained=str(sd15), resolution=32)
+    assert isinstance(family, ModelFamily)
+    data = build_imagefolder("imagefolder", str(write_images(tmp_path / "p", n=4)), resolution=32,
+                             random_flip=True, interpolation=resolve_interpolation_mode("bilinear"))
+    schedule = family.training_schedule(build_schedule("ddpm", prediction_type="v_prediction"))
+    assert schedule.prediction_type == "v_prediction" and not schedule.precondition_outputs
+    caches_on = CacheOptions(latents=True, folder=tmp_path / "cache", batch_size=2, key_fields=(("center_crop", True),))
+    family.prepare(data, Accelerator(cpu=True), None, caches_on, [])
+    t2i = family.t2i
+    assert isinstance(t2i.latent_cache, LatentCache) and t2i.latent_cache.parameters.shape[0] == 8  # both flips
+    assert isinstance(t2i.text_cache, TextCache) and not t2i.frozen_encoders  # all embedded: encoders released
+    x0, cond = family.inputs(data.batch(torch.arange(2), torch.Generator().manual_seed(0)), "cpu")
+    assert x0.shape == (2, 4, 16, 16) and cond["encoder_hidden_states"].shape == (2, 77, 8)
+    request = family.validation_request({"num_images": 2, "steps": 2, "seed": 0, "guidance_scale": None}, data)
+    assert request.prompts == ("a photo of a dog", "a red cat", "a blue dog", "a photo of a cat")  # first captions
+    images, nrow = family.generate(family.module, schedule, request, "cpu")
+    assert images.shape == (8, 3, 32, 32) and nrow == 2 and images.min() >= -1 and images.max() <= 1
+
+
+def test_batches_without_a_generator_are_not_augmented():
+    """The validation loss reads fixed samples: no flips (they used to come from the global RNG)."""
+    import torch
+
+    from difftrain.data.sources import ImageDataset
+
+    images = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    data = ImageDataset(images, None, None, random_flip=True)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        batch = data.batch(torch.arange(2))
+        assert batch["flips"] is None and torch.equal(batch["pixels"], images)
+    flipped = data.batch(torch.arange(2), torch.Generator().manual_seed(0))
+    assert flipped["flips"] is not None
+    expected = torch.where(flipped["flips"].view(-1, 1, 1, 1), images.flip(-1), images)
+    assert torch.equal(flipped["pixels"], expected)

@@ -1,0 +1,205 @@
+"""Every rule of difftrain/config/rules.py: triggered by a config written for it, with its exact message, and
+no other rule firing; every rule is in RULES and has a one-line doc (the line in docs/configuration.md)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from difftrain.cli.train import compose_config
+from difftrain.config import rules, validate
+from difftrain.config.rules import RULES
+from difftrain.config.validate import ConfigError
+
+T2I = ["model=sd15", "model.pretrained=<pipe>", "data=imagefolder", "data.path=<images>"]
+SD3 = ["model=sd3", "model.pretrained=<pipe>", "data=imagefolder", "data.path=<images>"]
+IGNORED_SD15 = ("num_train_timesteps, beta_schedule, beta_start, beta_end, clip_sample (only "
+                "scheduler.prediction_type and scheduler.rescale_betas_zero_snr apply)")
+
+# (rule, overrides of the default config, the exact messages): <pipe> is a folder with model_index.json,
+# <images> an existing folder, <missing> a path that does not exist, <file> a file
+CASES = [
+    ("resume_needs_output_dir", ["resume=latest"],
+     ["resume needs output_dir: pass the run folder to continue, e.g. output_dir=outputs/2026-01-01_12-00-00 "
+      "resume=latest"]),
+    ("resume_needs_output_dir", ["resume=latest", "output_dir=<missing>"],
+     ["resume=latest but output_dir '<missing>' does not exist; pass the folder of the run to continue"]),
+    ("fp16_needs_a_gpu", ["trainer.mixed_precision=fp16", "trainer.cpu=true"],
+     ["trainer.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no"]),
+    ("betas_increase", ["scheduler.beta_start=0.02", "scheduler.beta_end=0.01"],
+     ["scheduler.beta_end (0.01) must be greater than scheduler.beta_start (0.02)"]),
+    ("zero_terminal_snr_needs_v_or_sample", ["scheduler.rescale_betas_zero_snr=true"],
+     ["scheduler.rescale_betas_zero_snr=true with epsilon prediction has no meaning: at the terminal step x_t is "
+      "pure noise, so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by zero; use scheduler=ddpm_v (v_prediction) "
+      "for zero terminal SNR"]),
+    ("scheduler_option_matches_prediction_type", ["scheduler=ddpm_v", "scheduler.prediction_type=sample"],
+     ["scheduler=ddpm_v is the v_prediction preset of scheduler=ddpm, but scheduler.prediction_type=sample: use "
+      "scheduler=ddpm scheduler.prediction_type=sample"]),
+    ("scheduler_option_matches_prediction_type", ["scheduler.prediction_type=v_prediction"],
+     ["scheduler=ddpm with scheduler.prediction_type=v_prediction: choose scheduler=ddpm_v, the v_prediction "
+      "preset of ddpm"]),
+    ("ema_min_decay_below_decay", ["ema.min_decay=0.99", "ema.decay=0.9"],
+     ["ema.min_decay (0.99) must not exceed ema.decay (0.9)"]),
+    ("ema_starts_before_the_end", ["ema.update_after_step=2000"],
+     ["ema.update_after_step (2000) >= trainer.max_steps (2000): the EMA would never average; lower it or use "
+      "ema=none"]),
+    ("ema_option_matches_warmup", ["ema=ema_warmup", "ema.use_ema_warmup=false"],
+     ["ema=ema_warmup with ema.use_ema_warmup=false is plain EMA: use ema=ema (the ema_warmup preset exists to "
+      "set use_ema_warmup=true)"]),
+    ("ema_option_matches_warmup", ["ema.use_ema_warmup=true"],
+     ["ema=ema with ema.use_ema_warmup=true is the warm-up preset: use ema=ema_warmup (its power is 0.75; set "
+      "ema.power to change it)"]),
+    ("unet_blocks_per_level", ["model.block_out_channels=[32,64,64]"],
+     ["model.down_block_types and model.up_block_types need 3 entries, one per model.block_out_channels entry"]),
+    ("unet_channels_divisible_by_groups", ["model.norm_num_groups=3"],
+     ["model.block_out_channels [32, 64] must be divisible by model.norm_num_groups (3)"]),
+    ("unet_sample_size_divisible", ["data.resolution=7"],
+     ["model.sample_size (7) must be divisible by 2 for 2 resolution levels"]),
+    ("sample_size_is_data_resolution", ["model.sample_size=16"],
+     ["model.sample_size (16) differs from data.resolution (8); leave model.sample_size at ${data.resolution}"]),
+    ("data_classes_fit_model", ["model.num_class_embeds=5", "validation.labels=[0,1]"],
+     ["data.num_classes (10) exceeds model.num_class_embeds (5)"]),
+    ("validation_labels_in_model_classes", ["validation.labels=[0,10]"],
+     ["validation.labels [0, 10] must lie in [0, 10)"]),
+    ("pretrained_pipeline_is_given", [*T2I, "model.pretrained=???"],
+     ["model.pretrained is required for model=sd15: add model.pretrained=<hub id or local pipeline folder>, e.g. "
+      "model.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5"]),
+    ("pretrained_pipeline_is_given", [*SD3, "model.pretrained=<file>"],
+     ["model.pretrained '<file>' is not a folder: give a folder written by save_pretrained (with "
+      "model_index.json) or a hub id such as org/name"]),
+    ("pretrained_pipeline_is_given", [*T2I, "model.pretrained=<images>"],
+     ["model.pretrained '<images>' has no model_index.json: it is not a diffusers pipeline folder (write one "
+      "with pipeline.save_pretrained(folder))"]),
+    ("pretrained_family_scheduler", [*T2I, "scheduler=sd3"],
+     ["model=sd15 cannot train with scheduler=sd3: use scheduler=ddpm (epsilon) or scheduler=ddpm_v "
+      "(v_prediction)"]),
+    ("pretrained_family_scheduler", [*SD3, "scheduler=ddpm"],
+     ["model=sd3 cannot train with scheduler=ddpm: SD3 is a rectified-flow model: use scheduler=sd3"]),
+    ("pretrained_family_ignores_scheduler_tables",
+     [*T2I, "scheduler=ddpm_v", "scheduler.num_train_timesteps=500", "scheduler.beta_end=0.03"],
+     [f"scheduler.num_train_timesteps=500 has no effect with model=sd15: the pipeline's own scheduler config "
+      f"supplies {IGNORED_SD15}; remove scheduler.num_train_timesteps",
+      f"scheduler.beta_end=0.03 has no effect with model=sd15: the pipeline's own scheduler config supplies "
+      f"{IGNORED_SD15}; remove scheduler.beta_end"]),
+    ("pretrained_family_ignores_scheduler_tables", [*T2I, "scheduler.clip_sample=false"],
+     [f"scheduler.clip_sample=False has no effect with model=sd15: the pipeline's own scheduler config supplies "
+      f"{IGNORED_SD15}; remove scheduler.clip_sample"]),
+    ("pretrained_family_ignores_scheduler_tables", [*SD3, "scheduler.shift=1.0"],
+     ["scheduler.shift=1.0 has no effect with model=sd3: the pipeline's own scheduler config supplies "
+      "num_train_timesteps, shift (only scheduler.precondition_outputs applies); remove scheduler.shift"]),
+    ("pretrained_family_trains_on_captioned_rgb", ["model=sd15", "model.pretrained=<pipe>"],
+     ["model=sd15 trains on captioned images: use data=imagefolder (captions from metadata.jsonl, .txt files or "
+      "data.instance_prompt) or data=hf, not data=digits"]),
+    ("pretrained_family_trains_on_captioned_rgb", [*T2I, "data.channels=1"],
+     ["model=sd15 needs RGB images: data.channels must be 3"]),
+    ("latent_resolution_multiple_of_8", [*SD3, "data.resolution=30"],
+     ["data.resolution (30) must be a multiple of 8 for model=sd3 (the VAE works on 8x8 patches)"]),
+    ("imagefolder_path_is_a_folder", ["data=imagefolder"],
+     ["data.path is required for data=imagefolder: add data.path=/path/to/images"]),
+    ("imagefolder_path_is_a_folder", ["data=imagefolder", "data.path=<missing>"],
+     ["data.path '<missing>' is not a folder: point data.path at a folder of images (optionally one subfolder "
+      "per class)"]),
+    ("hf_dataset_is_given", ["model=sd15", "model.pretrained=<pipe>", "data=hf"],
+     ["data.dataset is required for data=hf: add data.dataset=<hub id or local folder>"]),
+    ("hf_captions_or_instance_prompt",
+     ["model=sd15", "model.pretrained=<pipe>", "data=hf", "data.dataset=org/photos", "data.caption_column=null"],
+     ["data.caption_column=null needs data.instance_prompt (one prompt for every image)"]),
+    ("instance_prompt_not_empty", [*T2I, "data.instance_prompt=''"],
+     ["data.instance_prompt must not be empty: give a prompt or null (captions from files)"]),
+    ("caption_keys_need_text_to_image",
+     ["data=imagefolder", "data.path=<images>", "data.cache_latents=true", "data.caption_dropout=0.5"],
+     ["data.cache_latents applies to text-to-image models (model=sd15 or model=sd3), not model=unet2d; remove it",
+      "data.caption_dropout applies to text-to-image models (model=sd15 or model=sd3), not model=unet2d; "
+      "remove it"]),
+    ("text_encoder_training_cannot_cache",
+     [*T2I, "lora=on", "lora.train_text_encoder=true", "data.cache_text_embeddings=true"],
+     ["lora.train_text_encoder=true trains the text encoders, so their embeddings change every step and cannot "
+      "be cached: set data.cache_text_embeddings=false (or null)"]),
+    ("lora_needs_text_to_image", ["lora=on"],
+     ["lora=on needs a pretrained text-to-image model (model=sd15 or model=sd3), not model=unet2d; use "
+      "lora=none"]),
+    ("lora_targets_not_empty",
+     [*T2I, "lora=on", "lora.target_modules=[]", "lora.train_text_encoder=true",
+      "lora.text_encoder_target_modules=[]"],
+     ["lora.target_modules must name at least one module, or be null for the family default",
+      "lora.text_encoder_target_modules must name at least one module"]),
+    ("adam_betas", ["optimizer.betas=[0.9,1.0]"], ["optimizer.betas must be two numbers in [0, 1), got [0.9, 1.0]"]),
+    ("warmup_within_max_steps", ["lr_scheduler.warmup_steps=2001"],
+     ["lr_scheduler.warmup_steps (2001) exceeds trainer.max_steps (2000)"]),
+    ("constant_lr_has_no_warmup", ["lr_scheduler=constant", "lr_scheduler.warmup_steps=10"],
+     ["lr_scheduler=constant ignores lr_scheduler.warmup_steps (10): use lr_scheduler=constant_with_warmup "
+      "lr_scheduler.warmup_steps=10"]),
+    ("deepspeed_option_matches_zero_stage", ["distributed=deepspeed_zero3", "distributed.zero_stage=1"],
+     ["distributed=deepspeed_zero3 is the ZeRO-3 preset, but distributed.zero_stage=1: use "
+      "distributed=deepspeed_zero2 distributed.zero_stage=1"]),
+    ("deepspeed_option_matches_zero_stage", ["distributed=deepspeed_zero2", "distributed.zero_stage=3"],
+     ["distributed=deepspeed_zero2 with distributed.zero_stage=3: use distributed=deepspeed_zero3, the ZeRO-3 "
+      "preset"]),
+    ("offload_param_needs_zero3", ["distributed=deepspeed_zero2", "distributed.offload_param=cpu"],
+     ["distributed.offload_param=cpu needs ZeRO-3 (distributed.zero_stage=2); use distributed=deepspeed_zero3"]),
+    ("nvme_offload_needs_a_path", ["distributed=deepspeed_zero3", "distributed.offload_optimizer=nvme"],
+     ["nvme offload needs distributed.nvme_path=/path/on/a/local/nvme/disk"]),
+    ("zero_stage_keys_apply", ["distributed=deepspeed_zero2", "distributed.stage3_prefetch_bucket_size=1"],
+     ["distributed.stage3_prefetch_bucket_size=1 has no effect with distributed.zero_stage=2: it applies to "
+      "ZeRO-3 (distributed=deepspeed_zero3); remove it"]),
+    ("zero_stage_keys_apply", ["distributed=deepspeed_zero3", "distributed.allgather_bucket_size=5"],
+     ["distributed.allgather_bucket_size=5 has no effect with distributed.zero_stage=3: it applies to ZeRO-1/2 "
+      "(distributed=deepspeed_zero2); remove it"]),
+    ("deepspeed_not_with_forced_cpu", ["distributed=deepspeed_zero2", "trainer.cpu=true"],
+     ["trainer.cpu=true cannot be combined with DeepSpeed (accelerate runs DeepSpeed on the accelerator); on a "
+      "machine without GPUs leave trainer.cpu=false: DeepSpeed picks its CPU accelerator itself"]),
+    ("deepspeed_not_with_adamw8bit", ["distributed=deepspeed_zero2", "optimizer=adamw8bit"],
+     ["optimizer=adamw8bit is not supported under DeepSpeed; use optimizer=adamw"]),
+]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rules")
+    (root / "pipe").mkdir()
+    (root / "pipe" / "model_index.json").write_text("{}")  # validation only checks that it is there
+    (root / "images").mkdir()
+    (root / "file.txt").write_text("")
+    return {"<pipe>": str(root / "pipe"), "<images>": str(root / "images"), "<missing>": str(root / "missing"),
+            "<file>": str(root / "file.txt")}
+
+
+def _fill(text: str, paths: dict) -> str:
+    for placeholder, path in paths.items():
+        text = text.replace(placeholder, path)
+    return text
+
+
+def test_the_default_config_breaks_no_rule():
+    assert rules.check_rules(validate.validate(compose_config([]))) == []
+
+
+@pytest.mark.parametrize("rule,overrides,messages", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_each_rule_fires_with_its_exact_message(rule, overrides, messages, paths, monkeypatch):
+    composed = compose_config([_fill(o, paths) for o in overrides])
+    expected = [_fill(m, paths) for m in messages]
+    with pytest.raises(ConfigError) as info:
+        validate.validate(composed)
+    assert info.value.errors == expected  # through validate(): only this rule's messages, every one of them
+    monkeypatch.setattr(validate, "RULES", ())  # the checked config, as the rules see it
+    checked = validate.validate(composed)
+    fired = {r.__name__: r(checked) for r in RULES if r(checked)}
+    assert fired == {rule: expected}
+
+
+def test_every_rule_is_listed_triggered_and_documented_in_one_line():
+    defined = {name for name, fn in inspect.getmembers(rules, inspect.isfunction)
+               if fn.__module__ == rules.__name__ and not name.startswith("_") and name != "check_rules"}
+    assert defined == {r.__name__ for r in RULES}  # no rule defined but not run
+    assert len(set(RULES)) == len(RULES)
+    assert {c[0] for c in CASES} == defined  # every rule has a config that breaks it
+    for rule in RULES:
+        doc = (rule.__doc__ or "").strip()
+        assert doc and "\n" not in doc and doc.endswith((".", ")")), rule.__name__
+
+
+def test_rules_skip_a_group_whose_own_keys_failed():
+    with pytest.raises(ConfigError) as info:  # ema.decay is wrong: no EMA rule runs on a half-checked node
+        validate.validate(compose_config(["ema.decay=1.5", "ema.min_decay=0.99", "ema.update_after_step=5000"]))
+    assert info.value.errors == ["ema.decay=1.5 must be <= 1"]
