@@ -98,9 +98,12 @@ def entries() -> list[Entry]:
 
 
 def build(group: str, node: Mapping[str, Any], **context: Any) -> Any:
-    """Instantiate the option named by node["name"]: target(name=..., **other keys, **context).
+    """Instantiate the option named by node["name"]: target(options, **context).
 
-    `node` must be plain Python (OmegaConf containers are converted at the CLI boundary).
+    `options` is the option's validated schema object (`entry.schema(**node)`: its fields are the only
+    source of the defaults), or the plain dict for a plugin option registered without a schema. `node`
+    must be plain Python (OmegaConf containers are converted at the CLI boundary).
     """
     entry = get(group, str(node["name"]))
-    return entry.load()(**dict(node), **context)
+    options = entry.schema(**node) if entry.schema is not None else dict(node)
+    return entry.load()(options, **context)

@@ -81,5 +81,6 @@ class Dream:
         return dream_update(schedule, predict, idx, noise, noisy, target, self.detail_preservation)
 
 
-def build_dream(name: str, detail_preservation: float = 1.0) -> Dream | None:
-    return None if name == "none" else Dream(detail_preservation)
+def build_dream(options) -> Dream | None:
+    """Registry target of the `dream` group (`options`: config/schema.py DreamConfig or DreamOffConfig)."""
+    return None if options.name == "none" else Dream(options.detail_preservation)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -54,5 +55,9 @@ class EMAFactory:
         return EMA(model, **self.options)
 
 
-def build_ema(name: str, **options) -> EMAFactory | None:
-    return None if name == "none" else EMAFactory(options)
+def build_ema(options) -> EMAFactory | None:
+    """Registry target of the `ema` group (`options`: config/schema.py EMAConfig or EMAOffConfig)."""
+    if options.name == "none":
+        return None
+    keys = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "name"}
+    return EMAFactory(keys)

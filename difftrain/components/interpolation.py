@@ -82,6 +82,6 @@ def resize(image, size, mode="bilinear"):
     return TF.resize(image, list(size), interpolation=resolve_interpolation_mode(name), antialias=True)
 
 
-def build_interpolation(name: str):
-    """Registry target of the `interpolation` group: the torchvision mode of option `name`."""
-    return resolve_interpolation_mode(name)
+def build_interpolation(options):
+    """Registry target of the `interpolation` group: the torchvision mode of the chosen option."""
+    return resolve_interpolation_mode(options.name)

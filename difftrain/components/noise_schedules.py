@@ -204,7 +204,7 @@ def schedule_from_scheduler(scheduler, prediction_type: str | None = None) -> No
     raise ValueError(f"no difftrain schedule adapter for {type(scheduler).__name__}")
 
 
-def build_ddpm(
+def build_ddpm(  # DDPMScheduler's own defaults (component API); the config's are in config/schema.py
     num_train_timesteps: int = 1000,
     beta_schedule: str = "linear",
     beta_start: float = 1e-4,
@@ -233,11 +233,12 @@ def build_flow_match(num_train_timesteps: int = 1000, shift: float = 3.0) -> Flo
     return FlowMatchSchedule(FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift))
 
 
-def build_schedule(name: str, precondition_outputs: bool = False, **kwargs) -> NoiseSchedule:
-    """Registry target of the `scheduler` group (ddpm, ddpm_v, sd3)."""
-    if name == "sd3":
-        schedule = build_flow_match(**kwargs)
-    else:
-        schedule = build_ddpm(**kwargs)
-    schedule.precondition_outputs = precondition_outputs
-    return schedule
+def build_schedule(options) -> NoiseSchedule:
+    """Registry target of the `scheduler` group (ddpm, ddpm_v, sd3): `options` is its validated schema
+    (config/schema.py DDPMSchedulerConfig or FlowMatchSchedulerConfig), the one source of the defaults."""
+    if options.name == "sd3":
+        schedule = build_flow_match(options.num_train_timesteps, options.shift)
+        schedule.precondition_outputs = options.precondition_outputs
+        return schedule
+    return build_ddpm(options.num_train_timesteps, options.beta_schedule, options.beta_start, options.beta_end,
+                      options.rescale_betas_zero_snr, options.prediction_type, options.clip_sample)

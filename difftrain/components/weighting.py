@@ -24,9 +24,9 @@ class TimestepDensity:
     """Draws u in [0, 1) from the chosen density (uniform, logit_normal, mode)."""
 
     scheme: str
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
+    logit_mean: float | None = None  # logit_normal only
+    logit_std: float | None = None   # logit_normal only
+    mode_scale: float | None = None  # mode only
 
     def sample(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         return compute_density_for_timestep_sampling(
@@ -35,8 +35,10 @@ class TimestepDensity:
         )
 
 
-def build_density(name: str, logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29):
-    return TimestepDensity(name, logit_mean, logit_std, mode_scale)
+def build_density(options) -> TimestepDensity:
+    """Registry target of the `weighting_scheme` group (`options`: its config/schema.py dataclass)."""
+    return TimestepDensity(options.name, getattr(options, "logit_mean", None), getattr(options, "logit_std", None),
+                           getattr(options, "mode_scale", None))
 
 
 @dataclass(frozen=True)
@@ -61,5 +63,6 @@ class LossWeighting:
         return weights
 
 
-def build_loss_weighting(name: str, gamma: float | None = None, max_weight: float | None = None):
-    return LossWeighting(name, gamma, max_weight)
+def build_loss_weighting(options) -> LossWeighting:
+    """Registry target of the `loss_weighting` group (`options`: its config/schema.py dataclass)."""
+    return LossWeighting(options.name, getattr(options, "gamma", None), getattr(options, "max_weight", None))

@@ -52,10 +52,12 @@ class ImageDataset:
         return out
 
 
-def build_digits(name: str, resolution: int = 8, random_flip: bool = False, num_classes: int = 10,
-                 channels: int = 1, interpolation=None, seed: int = 0) -> ImageDataset:
-    """scikit-learn's bundled UCI digits: 1,797 8x8 images with values 0..16 (no download)."""
+def build_digits(options, interpolation, seed: int) -> ImageDataset:
+    """scikit-learn's bundled UCI digits: 1,797 8x8 images with values 0..16 (no download).
+    `options`: config/schema.py DigitsDataConfig."""
     from sklearn.datasets import load_digits
+
+    resolution, random_flip, num_classes = options.resolution, options.random_flip, options.num_classes
 
     digits = load_digits(n_class=num_classes)
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [0, 1]
@@ -76,18 +78,18 @@ def _list_images(root: Path) -> list[tuple[Path, str | None]]:
     return files
 
 
-def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: bool = True,
-                      random_flip: bool = False, channels: int = 3, num_classes: int | None = None,
-                      interpolation=None, seed: int = 0, caption_column: str = "text",
-                      instance_prompt: str | None = None, caption_dropout: float = 0.0,
-                      **cache_options) -> ImageDataset:
+def build_imagefolder(options, interpolation, seed: int) -> ImageDataset:
     """Load, resize (shorter side, chosen interpolation) and crop every image once; read the captions.
 
-    `cache_options` (cache_latents, cache_text_embeddings, cache_dir) are read by the text-to-image
-    families, which build the caches (difftrain/data/cache.py)."""
+    `options`: config/schema.py ImageFolderDataConfig. Its cache keys (cache_latents, cache_text_embeddings,
+    cache_dir) are read by engine/setup.py for the text-to-image families, which build the caches."""
     from PIL import Image
 
     from difftrain.data.captions import read_captions
+
+    path, resolution, center_crop, channels = options.path, options.resolution, options.center_crop, options.channels
+    num_classes, random_flip = options.num_classes, options.random_flip
+    caption_column, instance_prompt = options.caption_column, options.instance_prompt
 
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -119,15 +121,16 @@ def build_imagefolder(name: str, path: str, resolution: int = 64, center_crop: b
                             "raise data.num_classes or remove folders")
     captions = read_captions(root, [f for f, _ in files], caption_column, instance_prompt)
     return ImageDataset(torch.stack(tensors), labels, num_classes if labels is not None else None, random_flip,
-                        captions, caption_dropout)
+                        captions, options.caption_dropout)
 
 
-def build_hf(name: str, dataset: str, config_name: str | None = None, split: str = "train",
-             image_column: str = "image", caption_column: str | None = "text", max_samples: int | None = None,
-             resolution: int = 512, center_crop: bool = True, random_flip: bool = False, channels: int = 3,
-             instance_prompt: str | None = None, caption_dropout: float = 0.0, interpolation=None, seed: int = 0,
-             **cache_options):
-    """A `datasets` dataset: a folder written by save_to_disk, a local folder load_dataset reads, or a hub id."""
+def build_hf(options, interpolation, seed: int) -> ImageDataset:
+    """A `datasets` dataset: a folder written by save_to_disk, a local folder load_dataset reads, or a hub id.
+    `options`: config/schema_t2i.py HFDataConfig."""
+    dataset, split, image_column, caption_column = options.dataset, options.split, options.image_column, \
+        options.caption_column
+    resolution, center_crop, channels = options.resolution, options.center_crop, options.channels
+    instance_prompt, max_samples, config_name = options.instance_prompt, options.max_samples, options.config_name
     rows = _load_hf(dataset, config_name, split)
     for column in (image_column, caption_column if instance_prompt is None else None):
         if column is not None and column not in rows.column_names:
@@ -150,7 +153,7 @@ def build_hf(name: str, dataset: str, config_name: str | None = None, split: str
             raise UserError(f"row {i} of '{dataset}': the caption column '{caption_column}' must hold strings, "
                             f"got {type(text).__name__}")
         captions.append(text)
-    return ImageDataset(torch.stack(images), None, None, random_flip, captions, caption_dropout)
+    return ImageDataset(torch.stack(images), None, None, options.random_flip, captions, options.caption_dropout)
 
 
 def _load_hf(dataset: str, config_name: str | None, split: str):

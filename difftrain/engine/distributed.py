@@ -35,19 +35,18 @@ def _handlers(backend: str | None, timeout_s: int) -> list:
     return [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_s))]
 
 
-def ddp_accelerator_kwargs(name: str, backend: str | None = None, timeout_s: int = 1800,
-                find_unused_parameters: bool = False, trainer: dict | None = None) -> dict:
-    """Accelerator kwargs for `distributed=ddp`.
+def ddp_accelerator_kwargs(options, trainer: dict) -> dict:
+    """Accelerator kwargs for `distributed=ddp` (`options`: config/schema_distributed.py DDPConfig).
 
     accelerate picks gloo/MULTI_CPU only when told the run is on CPU: without that, `torchrun` on a machine
     without accelerators would start N independent single-process runs that all believe they are rank 0.
     """
     from accelerate.utils import DistributedDataParallelKwargs
 
-    handlers = _handlers(backend, timeout_s)
-    if find_unused_parameters:
+    handlers = _handlers(options.backend, options.timeout_s)
+    if options.find_unused_parameters:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    cpu = bool(trainer and trainer["cpu"]) or (launched_world_size() > 1 and not has_accelerator())
+    cpu = bool(trainer["cpu"]) or (launched_world_size() > 1 and not has_accelerator())
     return {"kwargs_handlers": handlers, "cpu": cpu}
 
 
@@ -104,9 +103,14 @@ def _skip_cpu_inference_comm_op() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def deepspeed_accelerator_kwargs(name: str, trainer: dict | None = None, timeout_s: int = 1800, **opts) -> dict:
-    """Accelerator kwargs for `distributed=deepspeed_*`: a DeepSpeedPlugin with the generated config."""
+def deepspeed_accelerator_kwargs(options, trainer: dict) -> dict:
+    """Accelerator kwargs for `distributed=deepspeed_*`: a DeepSpeedPlugin with the generated config
+    (`options`: config/schema_distributed.py DeepSpeedConfig)."""
+    import dataclasses
+
     from accelerate.utils import DeepSpeedPlugin
+
+    opts, timeout_s = dataclasses.asdict(options), options.timeout_s
 
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
         raise UserError("DeepSpeed does not run with `accelerate launch --cpu`: drop --cpu (on a machine "

@@ -7,34 +7,30 @@ import torch
 from difftrain.errors import UserError
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                    eps: float = 1e-8, momentum: float = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(options, params) -> torch.optim.Optimizer:
+    """Registry target of the `optimizer` group (`options`: config/schema.py AdamWConfig or SGDConfig)."""
     params = [p for p in params if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    if name == "adamw8bit":
+    if options.name == "sgd":
+        return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay,
+                               nesterov=options.nesterov)
+    adam = {"lr": options.lr, "betas": tuple(options.betas), "weight_decay": options.weight_decay, "eps": options.eps}
+    if options.name == "adamw":
+        return torch.optim.AdamW(params, **adam)
+    if options.name == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise UserError("optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes "
                             "(it needs a CUDA GPU), or use optimizer=adamw") from None
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
-    raise UserError(f"unknown optimizer {name!r}")
+        return bnb.optim.AdamW8bit(params, **adam)
+    raise UserError(f"unknown optimizer {options.name!r}")
 
 
-def build_lr_scheduler(name: str, optimizer, max_steps: int, warmup_steps: int = 0,
-                       num_cycles: float = 0.5, power: float = 1.0):
-    """diffusers' schedules over `max_steps` real optimizer steps (never scaled by the world size)."""
+def build_lr_scheduler(options, optimizer, max_steps: int):
+    """diffusers' schedules over `max_steps` real optimizer steps (never scaled by the world size).
+    `options` is the option's config/schema.py dataclass: it has exactly the keys its schedule reads."""
     from diffusers.optimization import get_scheduler
 
-    kwargs = {}
-    if name == "cosine":
-        kwargs["num_cycles"] = num_cycles
-    elif name == "cosine_with_restarts":
-        kwargs["num_cycles"] = int(num_cycles)
-    elif name == "polynomial":
-        kwargs["power"] = power
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps if name != "constant" else None,
-                         num_training_steps=max_steps, **kwargs)
+    kwargs = {key: getattr(options, key) for key in ("num_cycles", "power") if hasattr(options, key)}
+    warmup = options.warmup_steps if options.name != "constant" else None
+    return get_scheduler(options.name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps, **kwargs)

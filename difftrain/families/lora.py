@@ -24,13 +24,15 @@ from difftrain.errors import UserError
 
 @dataclass(frozen=True)
 class LoraSpec:
-    rank: int = 4
-    alpha: float | None = None
-    dropout: float = 0.0
-    init: str = "gaussian"
-    target_modules: tuple[str, ...] | None = None
-    train_text_encoder: bool = False
-    text_encoder_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    """The adapters to add (built from the validated `lora` options: their schema holds the defaults)."""
+
+    rank: int
+    alpha: float | None  # None = rank (scale 1)
+    dropout: float
+    init: str
+    target_modules: tuple[str, ...] | None  # None = the family default
+    train_text_encoder: bool
+    text_encoder_target_modules: tuple[str, ...]
 
     def config(self, targets):
         from peft import LoraConfig
@@ -40,13 +42,13 @@ class LoraSpec:
                           target_modules=list(targets))
 
 
-def build_lora(name: str, rank: int = 4, alpha: float | None = None, dropout: float = 0.0, init: str = "gaussian",
-               target_modules=None, train_text_encoder: bool = False,
-               text_encoder_target_modules=("q_proj", "k_proj", "v_proj", "out_proj")) -> LoraSpec | None:
-    if name == "none":
+def build_lora(options) -> LoraSpec | None:
+    """Registry target of the `lora` group (`options`: config/schema_t2i.py LoraOnConfig or LoraOffConfig)."""
+    if options.name == "none":
         return None
-    return LoraSpec(rank, alpha, dropout, init, tuple(target_modules) if target_modules else None,
-                    train_text_encoder, tuple(text_encoder_target_modules))
+    return LoraSpec(options.rank, options.alpha, options.dropout, options.init,
+                    tuple(options.target_modules) if options.target_modules else None, options.train_text_encoder,
+                    tuple(options.text_encoder_target_modules))
 
 
 def add_denoiser_adapter(denoiser: torch.nn.Module, spec: LoraSpec, default_targets: tuple[str, ...]) -> None:

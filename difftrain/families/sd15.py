@@ -81,9 +81,10 @@ def export_scheduler_sd15(inference_scheduler, schedule):
 class SD15Family:
     """ModelFamily of model=sd15 (registry target); LatentTextToImage does the shared work."""
 
-    def __init__(self, name: str, pretrained: str, revision: str | None = None, variant: str | None = None,
-                 resolution: int = 512) -> None:
-        source = resolve_source(pretrained, revision, variant)
+    def __init__(self, options) -> None:
+        """`options`: config/schema_t2i.py SD15ModelConfig (a hub id or local pipeline folder)."""
+        name = options.name
+        source = resolve_source(options.pretrained, options.revision, options.variant)
         index = read_model_index(source, PIPELINE_CLASSES, "sd15")
         components = {part: load_component(index, part, source)
                       for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}

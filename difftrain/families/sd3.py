@@ -102,9 +102,10 @@ def export_scheduler_sd3(inference_scheduler, schedule):
 class SD3Family:
     """ModelFamily of model=sd3 (registry target); LatentTextToImage does the shared work."""
 
-    def __init__(self, name: str, pretrained: str, revision: str | None = None, variant: str | None = None,
-                 resolution: int = 1024, max_sequence_length: int = 77) -> None:
-        source = resolve_source(pretrained, revision, variant)
+    def __init__(self, options) -> None:
+        """`options`: config/schema_t2i.py SD3ModelConfig (a hub id or local pipeline folder)."""
+        name, max_sequence_length = options.name, options.max_sequence_length
+        source = resolve_source(options.pretrained, options.revision, options.variant)
         index = read_model_index(source, PIPELINE_CLASSES, "sd3")
         parts = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
         components = {part: load_component(index, part, source) for part in parts}

@@ -35,15 +35,20 @@ def load_unet2d(pretrained: str):
 class UNet2DFamily:
     """ModelFamily of a pixel-space denoiser conditioned on optional class labels (registry target)."""
 
-    def __init__(self, name: str = "unet2d", pretrained: str | None = None, **config) -> None:
-        """Built from its UNet2DModel config keys, or loaded from `pretrained` (hub id or local folder)."""
+    def __init__(self, options) -> None:
+        """Built from its UNet2DModel config keys, or loaded from `options.pretrained` (hub id or local folder).
+        `options`: config/schema.py UNet2DConfig."""
+        import dataclasses
+
         from diffusers import UNet2DModel
 
-        self.name = name
-        if pretrained:
-            self.module = load_unet2d(pretrained)
+        self.name = options.name
+        if options.pretrained:
+            self.module = load_unet2d(options.pretrained)
         else:
-            self.module = UNet2DModel(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()})
+            keys = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+            del keys["name"], keys["pretrained"]
+            self.module = UNet2DModel(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in keys.items()})
         model_config = self.module.config
         # folder labels feed the model only if it has a class embedding (num_class_embeds set)
         self.class_conditional = model_config.num_class_embeds is not None
@@ -115,12 +120,13 @@ class UNet2DFamily:
         """final/unet when present, else the model built from cfg["model"] with the latest checkpoint's
         (EMA) weights; sampled with the run's `scheduler` group and at its data resolution."""
         from difftrain import registry
+        from difftrain.config.schema import UNet2DConfig
 
         final = run_dir / "final" / "unet"
         if (final / "config.json").is_file():
-            family = cls(cfg["model"]["name"], pretrained=str(final))
+            family = cls(UNet2DConfig(name=cfg["model"]["name"], pretrained=str(final)))
         else:
-            family = cls(**{**cfg["model"], "pretrained": None})
+            family = cls(UNet2DConfig(**{**cfg["model"], "pretrained": None}))
             family.load_checkpoint_tensors(family.module, checkpoint_tensors())
         family.resolution = int(cfg["data"]["resolution"])
         family.module.to(device).eval()

@@ -175,9 +175,11 @@ def test_imagefolder_with_class_subfolders_trains(tmp_path):
                       "data.random_flip=true", "interpolation=lanczos", "trainer.max_steps=2")
     assert cfg["model"]["in_channels"] == 3 and cfg["model"]["num_class_embeds"] is None
     from difftrain.components.interpolation import resolve_interpolation_mode
+    from difftrain.config.schema import ImageFolderDataConfig
     from difftrain.data.sources import build_imagefolder
 
-    ds = build_imagefolder("imagefolder", str(data), resolution=8, interpolation=resolve_interpolation_mode("lanczos"))
+    ds = build_imagefolder(ImageFolderDataConfig(path=str(data), resolution=8), resolve_interpolation_mode("lanczos"),
+                           seed=0)
     assert ds.images.shape == (12, 3, 8, 8) and ds.labels.tolist() == [0] * 6 + [1] * 6
     assert ds.images.min() >= -1 and ds.images.max() <= 1
     summary = run_training(cfg)
@@ -185,13 +187,14 @@ def test_imagefolder_with_class_subfolders_trains(tmp_path):
 
 
 def test_imagefolder_errors_are_clear(tmp_path):
+    from difftrain.config.schema import ImageFolderDataConfig
     from difftrain.data.sources import build_imagefolder
     from difftrain.errors import UserError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
-        build_imagefolder("imagefolder", str(tmp_path / "empty"))
+        build_imagefolder(ImageFolderDataConfig(path=str(tmp_path / "empty")), None, seed=0)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="could not read image"):
-        build_imagefolder("imagefolder", str(tmp_path / "bad"))
+        build_imagefolder(ImageFolderDataConfig(path=str(tmp_path / "bad")), None, seed=0)

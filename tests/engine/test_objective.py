@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+from difftrain import registry
 from difftrain.components.dream import Dream
 from difftrain.components.noise_schedules import build_ddpm, build_flow_match
-from difftrain.components.weighting import build_density, build_loss_weighting
 from difftrain.engine.objective import DiffusionObjective, StepNoise
 
 
@@ -70,7 +70,8 @@ def test_flow_adapter_matches_diffusers_tables_and_scale_noise():
 
 
 def _objective(schedule, weighting="none", dream=None, **weights):
-    return DiffusionObjective(schedule, build_density("uniform"), build_loss_weighting(weighting, **weights), dream)
+    return DiffusionObjective(schedule, registry.build("weighting_scheme", {"name": "uniform"}),
+                              registry.build("loss_weighting", {"name": weighting, **weights}), dream)
 
 
 def test_epsilon_min_snr_loss_by_hand():
@@ -172,7 +173,8 @@ def test_dream_in_the_objective_by_hand():
 
 def test_draws_come_in_a_fixed_order_from_the_step_generator():
     schedule = build_ddpm()
-    objective = DiffusionObjective(schedule, build_density("logit_normal", 0.0, 1.0), build_loss_weighting("none"),
+    objective = DiffusionObjective(schedule, registry.build("weighting_scheme", {"name": "logit_normal"}),
+                                   registry.build("loss_weighting", {"name": "none"}),
                                    noise_offset=0.1, input_perturbation=0.2)
     x0 = torch.zeros(3, 2, 4, 4)
     draw = objective.draw(x0, torch.Generator().manual_seed(5))
@@ -235,10 +237,8 @@ def _reference_loss(scheduler_name, weighting, dream, model, x0, noise, idx):
 @pytest.mark.parametrize("weighting", ["none", "sigma_sqrt", "cosmap", "min_snr"])
 @pytest.mark.parametrize("scheduler_name", ["ddpm", "ddpm_v", "sd3"])
 def test_every_scheduler_weighting_dream_combination_against_reference(scheduler_name, weighting, dream):
-    from difftrain.components.noise_schedules import build_schedule
-
-    schedule = build_schedule(scheduler_name, prediction_type="v_prediction") if scheduler_name == "ddpm_v" \
-        else build_schedule(scheduler_name)
+    schedule = registry.build("scheduler", {"name": scheduler_name, **(
+        {"prediction_type": "v_prediction"} if scheduler_name == "ddpm_v" else {})})
     options = {"gamma": 5.0} if weighting == "min_snr" else {}
     objective = _objective(schedule, weighting, dream=Dream(1.0) if dream else None, **options)
     model, family = _model(), LinearFamily()

@@ -49,11 +49,12 @@ def test_bad_metadata_is_a_user_error(tmp_path):
 
 def test_caption_dropout_is_drawn_from_the_step_generator(tmp_path):
     from difftrain.components.interpolation import resolve_interpolation_mode
+    from difftrain.config.schema import ImageFolderDataConfig
     from difftrain.data.sources import build_imagefolder
 
-    data = build_imagefolder("imagefolder", str(write_images(tmp_path / "p", n=8)), resolution=8,
-                             caption_dropout=0.5, random_flip=True,
-                             interpolation=resolve_interpolation_mode("bilinear"))
+    options = ImageFolderDataConfig(path=str(write_images(tmp_path / "p", n=8)), resolution=8, caption_dropout=0.5,
+                                    random_flip=True)
+    data = build_imagefolder(options, resolve_interpolation_mode("bilinear"), seed=0)
     idx = torch.arange(8)
     a = data.batch(idx, torch.Generator().manual_seed(3))
     b = data.batch(idx, torch.Generator().manual_seed(3))
@@ -144,18 +145,19 @@ def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
 
     from difftrain import registry
     from difftrain.components.interpolation import resolve_interpolation_mode
-    from difftrain.components.noise_schedules import build_schedule
+    from difftrain.config.schema import ImageFolderDataConfig
+    from difftrain.config.schema_t2i import SD15ModelConfig
     from difftrain.data.sources import build_imagefolder
     from difftrain.families.protocol import CacheOptions, ModelFamily
     from difftrain.families.sd15 import SD15Family
     from difftrain.families.t2i import LatentCache, TextCache
 
     assert registry.get("model", "sd15").load() is SD15Family
-    family = SD15Family("sd15", pretrained=str(sd15), resolution=32)
+    family = SD15Family(SD15ModelConfig(pretrained=str(sd15), resolution=32))
     assert isinstance(family, ModelFamily)
-    data = build_imagefolder("imagefolder", str(write_images(tmp_path / "p", n=4)), resolution=32,
-                             random_flip=True, interpolation=resolve_interpolation_mode("bilinear"))
-    schedule = family.training_schedule(build_schedule("ddpm", prediction_type="v_prediction"))
+    options = ImageFolderDataConfig(path=str(write_images(tmp_path / "p", n=4)), resolution=32, random_flip=True)
+    data = build_imagefolder(options, resolve_interpolation_mode("bilinear"), seed=0)
+    schedule = family.training_schedule(registry.build("scheduler", {"name": "ddpm_v", "prediction_type": "v_prediction"}))
     assert schedule.prediction_type == "v_prediction" and not schedule.precondition_outputs
     caches_on = CacheOptions(latents=True, folder=tmp_path / "cache", batch_size=2, key_fields=(("center_crop", True),))
     family.prepare(data, Accelerator(cpu=True), None, caches_on, [])
