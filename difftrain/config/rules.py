@@ -13,73 +13,35 @@ Pure Python, no torch.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from difftrain import registry
+from difftrain.config.rule_helpers import changed_keys, chosen_is, node_of
+from difftrain.config.rules_t2i import (  # noqa: F401 (listed in RULES)
+    caption_keys_need_text_to_image,
+    hf_captions_or_instance_prompt,
+    hf_dataset_is_given,
+    imagefolder_path_is_a_folder,
+    instance_prompt_not_empty,
+    latent_resolution_multiple_of_8,
+    lora_needs_text_to_image,
+    lora_targets_not_empty,
+    pretrained_family_ignores_scheduler_tables,
+    pretrained_family_scheduler,
+    pretrained_family_trains_on_captioned_rgb,
+    pretrained_pipeline_is_given,
+    text_encoder_training_cannot_cache,
+)
 from difftrain.config.schema import (
-    MISSING_PATH,
     AdamWConfig,
-    CaptionedImageDataConfig,
     DDPMSchedulerConfig,
     EMAConfig,
-    ImageFolderDataConfig,
     LRSchedulerConfig,
     UNet2DConfig,
 )
 from difftrain.config.schema_distributed import DeepSpeedConfig
-from difftrain.config.schema_t2i import (
-    MISSING,
-    HFDataConfig,
-    LoraOnConfig,
-    PretrainedPipelineConfig,
-    looks_like_path,
-)
 
 Rule = Callable[[dict], list[str]]
-
-
-# ---- helpers ----------------------------------------------------------------------------------
-def _node(cfg: dict, group: str) -> dict:
-    node = cfg.get(group)
-    return node if isinstance(node, dict) else {}
-
-
-def _schema(cfg: dict, group: str) -> type | None:
-    """The schema class of the option chosen for `group` (None when the group is absent or unknown)."""
-    name = _node(cfg, group).get("name")
-    if name is None:
-        return None
-    try:
-        return registry.get(group, str(name)).schema
-    except registry.UnknownComponentError:
-        return None
-
-
-def _is(cfg: dict, group: str, base: type) -> bool:
-    schema = _schema(cfg, group)
-    return isinstance(schema, type) and issubclass(schema, base)
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
-def _changed(cfg: dict, group: str, keys) -> list[tuple[str, Any]]:
-    """(key, value) of `keys` of the group whose value differs from the option's schema default."""
-    schema = _schema(cfg, group)
-    if schema is None:
-        return []
-    defaults, node = _defaults(schema), _node(cfg, group)
-    return [(k, node[k]) for k in keys if k in node and k in defaults and node[k] != defaults[k]]
 
 
 # ---- run ----------------------------------------------------------------------------------------
@@ -98,7 +60,7 @@ def resume_needs_output_dir(cfg: dict) -> list[str]:
 
 def fp16_needs_a_gpu(cfg: dict) -> list[str]:
     """`trainer.mixed_precision=fp16` cannot run with `trainer.cpu=true` (on CPU use bf16 or no)."""
-    trainer = _node(cfg, "trainer")
+    trainer = node_of(cfg, "trainer")
     if trainer.get("mixed_precision") == "fp16" and trainer.get("cpu"):
         return ["trainer.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no"]
     return []
@@ -107,7 +69,7 @@ def fp16_needs_a_gpu(cfg: dict) -> list[str]:
 # ---- scheduler ----------------------------------------------------------------------------------
 def betas_increase(cfg: dict) -> list[str]:
     """DDPM schedulers: `scheduler.beta_end` is greater than `scheduler.beta_start`."""
-    if not _is(cfg, "scheduler", DDPMSchedulerConfig):
+    if not chosen_is(cfg, "scheduler", DDPMSchedulerConfig):
         return []
     s = cfg["scheduler"]
     if s["beta_end"] <= s["beta_start"]:
@@ -117,8 +79,8 @@ def betas_increase(cfg: dict) -> list[str]:
 
 def zero_terminal_snr_needs_v_or_sample(cfg: dict) -> list[str]:
     """`scheduler.rescale_betas_zero_snr=true` needs v or sample prediction (epsilon has no x0 at the last step)."""
-    s = _node(cfg, "scheduler")
-    if _is(cfg, "scheduler", DDPMSchedulerConfig) and s["rescale_betas_zero_snr"] and s["prediction_type"] == "epsilon":
+    s = node_of(cfg, "scheduler")
+    if chosen_is(cfg, "scheduler", DDPMSchedulerConfig) and s["rescale_betas_zero_snr"] and s["prediction_type"] == "epsilon":
         return ["scheduler.rescale_betas_zero_snr=true with epsilon prediction has no meaning: at the terminal step "
                 "x_t is pure noise, so x0 = (x_t - sqrt(1-a) eps) / sqrt(a) divides by zero; use scheduler=ddpm_v "
                 "(v_prediction) for zero terminal SNR"]
@@ -127,7 +89,7 @@ def zero_terminal_snr_needs_v_or_sample(cfg: dict) -> list[str]:
 
 def scheduler_option_matches_prediction_type(cfg: dict) -> list[str]:
     """`scheduler=ddpm_v` predicts v; `scheduler=ddpm` predicts epsilon or sample (for v, choose `ddpm_v`)."""
-    s = _node(cfg, "scheduler")
+    s = node_of(cfg, "scheduler")
     name, prediction = s.get("name"), s.get("prediction_type")
     if name == "ddpm_v" and prediction != "v_prediction":
         return [f"scheduler=ddpm_v is the v_prediction preset of scheduler=ddpm, but scheduler.prediction_type="
@@ -141,15 +103,15 @@ def scheduler_option_matches_prediction_type(cfg: dict) -> list[str]:
 # ---- ema ------------------------------------------------------------------------------------------
 def ema_min_decay_below_decay(cfg: dict) -> list[str]:
     """`ema.min_decay` does not exceed `ema.decay`."""
-    if _is(cfg, "ema", EMAConfig) and cfg["ema"]["min_decay"] > cfg["ema"]["decay"]:
+    if chosen_is(cfg, "ema", EMAConfig) and cfg["ema"]["min_decay"] > cfg["ema"]["decay"]:
         return [f"ema.min_decay ({cfg['ema']['min_decay']}) must not exceed ema.decay ({cfg['ema']['decay']})"]
     return []
 
 
 def ema_starts_before_the_end(cfg: dict) -> list[str]:
     """`ema.update_after_step` is below `trainer.max_steps` (else the EMA never averages)."""
-    max_steps = _node(cfg, "trainer").get("max_steps")
-    if _is(cfg, "ema", EMAConfig) and isinstance(max_steps, int) and cfg["ema"]["update_after_step"] >= max_steps:
+    max_steps = node_of(cfg, "trainer").get("max_steps")
+    if chosen_is(cfg, "ema", EMAConfig) and isinstance(max_steps, int) and cfg["ema"]["update_after_step"] >= max_steps:
         return [f"ema.update_after_step ({cfg['ema']['update_after_step']}) >= trainer.max_steps ({max_steps}): "
                 "the EMA would never average; lower it or use ema=none"]
     return []
@@ -157,7 +119,7 @@ def ema_starts_before_the_end(cfg: dict) -> list[str]:
 
 def ema_option_matches_warmup(cfg: dict) -> list[str]:
     """`ema=ema_warmup` is `ema=ema` with `use_ema_warmup=true`: the key agrees with the option's name."""
-    ema = _node(cfg, "ema")
+    ema = node_of(cfg, "ema")
     if ema.get("name") == "ema_warmup" and ema.get("use_ema_warmup") is False:
         return ["ema=ema_warmup with ema.use_ema_warmup=false is plain EMA: use ema=ema (the ema_warmup preset "
                 "exists to set use_ema_warmup=true)"]
@@ -170,7 +132,7 @@ def ema_option_matches_warmup(cfg: dict) -> list[str]:
 # ---- model: unet2d --------------------------------------------------------------------------------
 def unet_blocks_per_level(cfg: dict) -> list[str]:
     """`model.down_block_types` and `model.up_block_types` have one entry per `model.block_out_channels` entry."""
-    if not _is(cfg, "model", UNet2DConfig):
+    if not chosen_is(cfg, "model", UNet2DConfig):
         return []
     m = cfg["model"]
     n = len(m["block_out_channels"])
@@ -182,7 +144,7 @@ def unet_blocks_per_level(cfg: dict) -> list[str]:
 
 def unet_channels_divisible_by_groups(cfg: dict) -> list[str]:
     """Every `model.block_out_channels` entry is divisible by `model.norm_num_groups`."""
-    if not _is(cfg, "model", UNet2DConfig):
+    if not chosen_is(cfg, "model", UNet2DConfig):
         return []
     m = cfg["model"]
     if any(c % m["norm_num_groups"] for c in m["block_out_channels"]):
@@ -193,7 +155,7 @@ def unet_channels_divisible_by_groups(cfg: dict) -> list[str]:
 
 def unet_sample_size_divisible(cfg: dict) -> list[str]:
     """`model.sample_size` is divisible by 2^(levels - 1), one halving per extra resolution level."""
-    if not _is(cfg, "model", UNet2DConfig):
+    if not chosen_is(cfg, "model", UNet2DConfig):
         return []
     m = cfg["model"]
     n = len(m["block_out_channels"])
@@ -205,7 +167,7 @@ def unet_sample_size_divisible(cfg: dict) -> list[str]:
 
 def sample_size_is_data_resolution(cfg: dict) -> list[str]:
     """`model.sample_size` equals `data.resolution` (leave it at `${data.resolution}`) unless loaded `pretrained`."""
-    model, data = _node(cfg, "model"), _node(cfg, "data")
+    model, data = node_of(cfg, "model"), node_of(cfg, "data")
     if not data or model.get("pretrained"):
         return []
     if model.get("sample_size") not in (None, data.get("resolution")):
@@ -216,7 +178,7 @@ def sample_size_is_data_resolution(cfg: dict) -> list[str]:
 
 def data_classes_fit_model(cfg: dict) -> list[str]:
     """`data.num_classes` does not exceed `model.num_class_embeds`."""
-    n_classes, data_classes = _node(cfg, "model").get("num_class_embeds"), _node(cfg, "data").get("num_classes")
+    n_classes, data_classes = node_of(cfg, "model").get("num_class_embeds"), node_of(cfg, "data").get("num_classes")
     if n_classes is not None and data_classes is not None and data_classes > n_classes:
         return [f"data.num_classes ({data_classes}) exceeds model.num_class_embeds ({n_classes})"]
     return []
@@ -224,157 +186,17 @@ def data_classes_fit_model(cfg: dict) -> list[str]:
 
 def validation_labels_in_model_classes(cfg: dict) -> list[str]:
     """`validation.labels` lie in [0, `model.num_class_embeds`)."""
-    n_classes = _node(cfg, "model").get("num_class_embeds")
-    labels = _node(cfg, "validation").get("labels") or []
+    n_classes = node_of(cfg, "model").get("num_class_embeds")
+    labels = node_of(cfg, "validation").get("labels") or []
     if n_classes is not None and any(not 0 <= label < n_classes for label in labels):
         return [f"validation.labels {labels} must lie in [0, {n_classes})"]
     return []
 
 
-# ---- model: pretrained pipelines (sd15, sd3) -------------------------------------------------------
-def pretrained_pipeline_is_given(cfg: dict) -> list[str]:
-    """`model=sd15|sd3` need `model.pretrained`: a hub id, or a pipeline folder with model_index.json."""
-    if not _is(cfg, "model", PretrainedPipelineConfig):
-        return []
-    name, pretrained = cfg["model"]["name"], cfg["model"]["pretrained"]
-    if pretrained in (MISSING, None, ""):
-        example = _schema(cfg, "model").example or "org/name"
-        return [f"model.pretrained is required for model={name}: add model.pretrained=<hub id or local pipeline "
-                f"folder>, e.g. model.pretrained={example}"]
-    local = Path(pretrained).expanduser()
-    if local.exists() or looks_like_path(pretrained):
-        if not local.is_dir():
-            return [f"model.pretrained '{pretrained}' is not a folder: give a folder written by save_pretrained "
-                    "(with model_index.json) or a hub id such as org/name"]
-        if not (local / "model_index.json").is_file():
-            return [f"model.pretrained '{pretrained}' has no model_index.json: it is not a diffusers pipeline "
-                    "folder (write one with pipeline.save_pretrained(folder))"]
-    return []
-
-
-def pretrained_family_scheduler(cfg: dict) -> list[str]:
-    """`model=sd15` trains with `scheduler=ddpm|ddpm_v`, `model=sd3` with `scheduler=sd3`."""
-    family = _schema(cfg, "model")
-    scheduler = _node(cfg, "scheduler").get("name")
-    if _is(cfg, "model", PretrainedPipelineConfig) and scheduler is not None and scheduler not in family.schedulers:
-        return [f"model={cfg['model']['name']} cannot train with scheduler={scheduler}: {family.scheduler_hint}"]
-    return []
-
-
-def pretrained_family_ignores_scheduler_tables(cfg: dict) -> list[str]:
-    """Scheduler keys the pipeline supplies stay at their defaults (sd15: `num_train_timesteps`, `beta_*`, `clip_sample`; sd3: `num_train_timesteps`, `shift`)."""
-    family = _schema(cfg, "model")
-    if not _is(cfg, "model", PretrainedPipelineConfig) or _node(cfg, "scheduler").get("name") not in family.schedulers:
-        return []
-    name, keys = cfg["model"]["name"], family.pipeline_scheduler_keys
-    return [f"scheduler.{key}={value!r} has no effect with model={name}: the pipeline's own scheduler config supplies "
-            f"{', '.join(keys)} ({family.scheduler_keys_used}); remove scheduler.{key}"
-            for key, value in _changed(cfg, "scheduler", keys)]
-
-
-def pretrained_family_trains_on_captioned_rgb(cfg: dict) -> list[str]:
-    """`model=sd15|sd3` train on captioned RGB images: `data=imagefolder|hf` with `data.channels=3`."""
-    data = _node(cfg, "data")
-    if not _is(cfg, "model", PretrainedPipelineConfig) or not data:
-        return []
-    name = cfg["model"]["name"]
-    if not _is(cfg, "data", CaptionedImageDataConfig):
-        return [f"model={name} trains on captioned images: use data=imagefolder (captions from metadata.jsonl, "
-                f".txt files or data.instance_prompt) or data=hf, not data={data.get('name')}"]
-    if data.get("channels", 3) != 3:
-        return [f"model={name} needs RGB images: data.channels must be 3"]
-    return []
-
-
-def latent_resolution_multiple_of_8(cfg: dict) -> list[str]:
-    """With `model=sd15|sd3`, `data.resolution` is a multiple of 8 (the VAE works on 8x8 patches)."""
-    resolution = _node(cfg, "data").get("resolution")
-    if _is(cfg, "model", PretrainedPipelineConfig) and isinstance(resolution, int) and resolution % 8:
-        return [f"data.resolution ({resolution}) must be a multiple of 8 for model={cfg['model']['name']} "
-                "(the VAE works on 8x8 patches)"]
-    return []
-
-
-# ---- data ---------------------------------------------------------------------------------------
-def imagefolder_path_is_a_folder(cfg: dict) -> list[str]:
-    """`data=imagefolder` needs `data.path`, an existing folder."""
-    if not _is(cfg, "data", ImageFolderDataConfig):
-        return []
-    path = cfg["data"]["path"]
-    if path in (MISSING_PATH, ""):
-        return ["data.path is required for data=imagefolder: add data.path=/path/to/images"]
-    if not Path(path).expanduser().is_dir():
-        return [f"data.path '{path}' is not a folder: point data.path at a folder of images "
-                "(optionally one subfolder per class)"]
-    return []
-
-
-def hf_dataset_is_given(cfg: dict) -> list[str]:
-    """`data=hf` needs `data.dataset`."""
-    if _is(cfg, "data", HFDataConfig) and cfg["data"]["dataset"] in (MISSING, ""):
-        return ["data.dataset is required for data=hf: add data.dataset=<hub id or local folder>"]
-    return []
-
-
-def hf_captions_or_instance_prompt(cfg: dict) -> list[str]:
-    """`data=hf` with `data.caption_column=null` needs `data.instance_prompt`."""
-    data = _node(cfg, "data")
-    if _is(cfg, "data", HFDataConfig) and data["caption_column"] is None and data["instance_prompt"] is None:
-        return ["data.caption_column=null needs data.instance_prompt (one prompt for every image)"]
-    return []
-
-
-def instance_prompt_not_empty(cfg: dict) -> list[str]:
-    """`data.instance_prompt` is a prompt or null (captions from the data), never empty."""
-    if _is(cfg, "data", CaptionedImageDataConfig) and cfg["data"]["instance_prompt"] == "":
-        return ["data.instance_prompt must not be empty: give a prompt or null (captions from files)"]
-    return []
-
-
-def caption_keys_need_text_to_image(cfg: dict) -> list[str]:
-    """`data.cache_latents`, `cache_text_embeddings`, `caption_dropout` and `instance_prompt` need `model=sd15|sd3`."""
-    model = _node(cfg, "model").get("name")
-    if model is None or not _is(cfg, "data", CaptionedImageDataConfig) or _is(cfg, "model", PretrainedPipelineConfig):
-        return []
-    keys = ("cache_latents", "cache_text_embeddings", "caption_dropout", "instance_prompt")
-    return [f"data.{key} applies to text-to-image models (model=sd15 or model=sd3), not model={model}; remove it"
-            for key, _ in _changed(cfg, "data", keys)]
-
-
-def text_encoder_training_cannot_cache(cfg: dict) -> list[str]:
-    """`lora.train_text_encoder=true` cannot be combined with `data.cache_text_embeddings=true`."""
-    if _node(cfg, "lora").get("train_text_encoder") and _node(cfg, "data").get("cache_text_embeddings") is True:
-        return ["lora.train_text_encoder=true trains the text encoders, so their embeddings change every step and "
-                "cannot be cached: set data.cache_text_embeddings=false (or null)"]
-    return []
-
-
-# ---- lora -----------------------------------------------------------------------------------------
-def lora_needs_text_to_image(cfg: dict) -> list[str]:
-    """`lora=on` needs a pretrained text-to-image model (`model=sd15|sd3`)."""
-    model = _node(cfg, "model").get("name")
-    if _is(cfg, "lora", LoraOnConfig) and model is not None and not _is(cfg, "model", PretrainedPipelineConfig):
-        return [f"lora=on needs a pretrained text-to-image model (model=sd15 or model=sd3), not model={model}; "
-                "use lora=none"]
-    return []
-
-
-def lora_targets_not_empty(cfg: dict) -> list[str]:
-    """`lora.target_modules` is null or names modules; with `train_text_encoder`, so does `text_encoder_target_modules`."""
-    if not _is(cfg, "lora", LoraOnConfig):
-        return []
-    lora, errors = cfg["lora"], []
-    if lora["target_modules"] is not None and not lora["target_modules"]:
-        errors.append("lora.target_modules must name at least one module, or be null for the family default")
-    if lora["train_text_encoder"] and not lora["text_encoder_target_modules"]:
-        errors.append("lora.text_encoder_target_modules must name at least one module")
-    return errors
-
-
 # ---- optimisation ---------------------------------------------------------------------------------
 def adam_betas(cfg: dict) -> list[str]:
     """`optimizer.betas` are two numbers in [0, 1)."""
-    if _is(cfg, "optimizer", AdamWConfig):
+    if chosen_is(cfg, "optimizer", AdamWConfig):
         betas = cfg["optimizer"]["betas"]
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             return [f"optimizer.betas must be two numbers in [0, 1), got {betas}"]
@@ -383,8 +205,8 @@ def adam_betas(cfg: dict) -> list[str]:
 
 def warmup_within_max_steps(cfg: dict) -> list[str]:
     """`lr_scheduler.warmup_steps` does not exceed `trainer.max_steps`."""
-    max_steps = _node(cfg, "trainer").get("max_steps")
-    if _is(cfg, "lr_scheduler", LRSchedulerConfig) and isinstance(max_steps, int):
+    max_steps = node_of(cfg, "trainer").get("max_steps")
+    if chosen_is(cfg, "lr_scheduler", LRSchedulerConfig) and isinstance(max_steps, int):
         warmup = cfg["lr_scheduler"]["warmup_steps"]
         if warmup > max_steps:
             return [f"lr_scheduler.warmup_steps ({warmup}) exceeds trainer.max_steps ({max_steps})"]
@@ -393,7 +215,7 @@ def warmup_within_max_steps(cfg: dict) -> list[str]:
 
 def constant_lr_has_no_warmup(cfg: dict) -> list[str]:
     """`lr_scheduler=constant` has no warm-up (`warmup_steps` stays 0): use `lr_scheduler=constant_with_warmup`."""
-    lr = _node(cfg, "lr_scheduler")
+    lr = node_of(cfg, "lr_scheduler")
     if lr.get("name") == "constant" and lr.get("warmup_steps", 0) != 0:
         return [f"lr_scheduler=constant ignores lr_scheduler.warmup_steps ({lr['warmup_steps']}): use "
                 f"lr_scheduler=constant_with_warmup lr_scheduler.warmup_steps={lr['warmup_steps']}"]
@@ -403,7 +225,7 @@ def constant_lr_has_no_warmup(cfg: dict) -> list[str]:
 # ---- distributed ----------------------------------------------------------------------------------
 def deepspeed_option_matches_zero_stage(cfg: dict) -> list[str]:
     """`distributed=deepspeed_zero3` is ZeRO-3 and `deepspeed_zero2` ZeRO-1/2: `distributed.zero_stage` agrees."""
-    ds = _node(cfg, "distributed")
+    ds = node_of(cfg, "distributed")
     name, stage = ds.get("name"), ds.get("zero_stage")
     if name == "deepspeed_zero3" and stage != 3:
         return [f"distributed=deepspeed_zero3 is the ZeRO-3 preset, but distributed.zero_stage={stage}: use "
@@ -416,7 +238,7 @@ def deepspeed_option_matches_zero_stage(cfg: dict) -> list[str]:
 
 def offload_param_needs_zero3(cfg: dict) -> list[str]:
     """`distributed.offload_param` needs ZeRO-3."""
-    if not _is(cfg, "distributed", DeepSpeedConfig):
+    if not chosen_is(cfg, "distributed", DeepSpeedConfig):
         return []
     ds = cfg["distributed"]
     if ds["offload_param"] != "none" and ds["zero_stage"] != 3:
@@ -427,7 +249,7 @@ def offload_param_needs_zero3(cfg: dict) -> list[str]:
 
 def nvme_offload_needs_a_path(cfg: dict) -> list[str]:
     """nvme offload needs `distributed.nvme_path`."""
-    if not _is(cfg, "distributed", DeepSpeedConfig):
+    if not chosen_is(cfg, "distributed", DeepSpeedConfig):
         return []
     ds = cfg["distributed"]
     if "nvme" in (ds["offload_param"], ds["offload_optimizer"]) and not ds["nvme_path"]:
@@ -437,19 +259,19 @@ def nvme_offload_needs_a_path(cfg: dict) -> list[str]:
 
 def zero_stage_keys_apply(cfg: dict) -> list[str]:
     """`distributed.stage3_*` keys need ZeRO-3 and `distributed.allgather_bucket_size` ZeRO-1/2 (else they stay at their defaults)."""
-    if not _is(cfg, "distributed", DeepSpeedConfig):
+    if not chosen_is(cfg, "distributed", DeepSpeedConfig):
         return []
     stage = cfg["distributed"]["zero_stage"]
     unused = (("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold") if stage != 3
               else ("allgather_bucket_size",))
     needs = "ZeRO-3 (distributed=deepspeed_zero3)" if stage != 3 else "ZeRO-1/2 (distributed=deepspeed_zero2)"
     return [f"distributed.{key}={value} has no effect with distributed.zero_stage={stage}: it applies to {needs}; "
-            f"remove it" for key, value in _changed(cfg, "distributed", unused)]
+            f"remove it" for key, value in changed_keys(cfg, "distributed", unused)]
 
 
 def deepspeed_not_with_forced_cpu(cfg: dict) -> list[str]:
     """DeepSpeed cannot be combined with `trainer.cpu=true`."""
-    if _is(cfg, "distributed", DeepSpeedConfig) and _node(cfg, "trainer").get("cpu"):
+    if chosen_is(cfg, "distributed", DeepSpeedConfig) and node_of(cfg, "trainer").get("cpu"):
         return ["trainer.cpu=true cannot be combined with DeepSpeed (accelerate runs DeepSpeed on the accelerator); "
                 "on a machine without GPUs leave trainer.cpu=false: DeepSpeed picks its CPU accelerator itself"]
     return []
@@ -457,7 +279,7 @@ def deepspeed_not_with_forced_cpu(cfg: dict) -> list[str]:
 
 def deepspeed_not_with_adamw8bit(cfg: dict) -> list[str]:
     """DeepSpeed cannot be combined with `optimizer=adamw8bit`."""
-    if _is(cfg, "distributed", DeepSpeedConfig) and _node(cfg, "optimizer").get("name") == "adamw8bit":
+    if chosen_is(cfg, "distributed", DeepSpeedConfig) and node_of(cfg, "optimizer").get("name") == "adamw8bit":
         return ["optimizer=adamw8bit is not supported under DeepSpeed; use optimizer=adamw"]
     return []
 

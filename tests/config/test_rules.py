@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from difftrain.cli.train import compose_config
-from difftrain.config import rules, validate
+from difftrain.config import rules, rules_t2i, validate
 from difftrain.config.rules import RULES
 from difftrain.config.validate import ConfigError
 
@@ -189,8 +189,8 @@ def test_each_rule_fires_with_its_exact_message(rule, overrides, messages, paths
 
 
 def test_every_rule_is_listed_triggered_and_documented_in_one_line():
-    defined = {name for name, fn in inspect.getmembers(rules, inspect.isfunction)
-               if fn.__module__ == rules.__name__ and not name.startswith("_") and name != "check_rules"}
+    defined = {name for module in (rules, rules_t2i) for name, fn in inspect.getmembers(module, inspect.isfunction)
+               if fn.__module__ == module.__name__ and not name.startswith("_") and name != "check_rules"}
     assert defined == {r.__name__ for r in RULES}  # no rule defined but not run
     assert len(set(RULES)) == len(RULES)
     assert {c[0] for c in CASES} == defined  # every rule has a config that breaks it
