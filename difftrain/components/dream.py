@@ -25,7 +25,7 @@ from difftrain.components.noise_schedules import NoiseSchedule, _per_sample, sch
 def dream_update(
     schedule: NoiseSchedule,
     predict: Callable[[torch.Tensor], torch.Tensor],
-    idx: torch.Tensor,
+    indices: torch.Tensor,
     noise: torch.Tensor,
     noisy: torch.Tensor,
     target: torch.Tensor,
@@ -34,10 +34,10 @@ def dream_update(
     """Return (noisy', target') for one batch. `predict(noisy)` runs the denoiser (called without grad)."""
     with torch.no_grad():
         pred = predict(noisy)
-    eps_hat = schedule.implied_noise(noisy, pred.to(noisy.dtype), idx)
-    lam = _per_sample(schedule.dream_scale(idx) ** detail_preservation, noisy)
+    eps_hat = schedule.implied_noise(noisy, pred.to(noisy.dtype), indices)
+    lam = _per_sample(schedule.dream_scale(indices) ** detail_preservation, noisy)
     delta = ((noise - eps_hat) * lam).detach()
-    coef_input, coef_target = schedule.noise_coefficients(idx)
+    coef_input, coef_target = schedule.noise_coefficients(indices)
     return noisy + _per_sample(coef_input, noisy) * delta, target + _per_sample(coef_target, target) * delta
 
 
@@ -62,13 +62,13 @@ def compute_dream_and_update_latents(
     The model is called as upstream does: `unet(noisy_latents, timesteps, encoder_hidden_states).sample`.
     """
     schedule = schedule_from_scheduler(noise_scheduler)
-    idx = _indices_for(schedule, timesteps)
+    indices = _indices_for(schedule, timesteps)
 
     def predict(x):
         out = unet(x, timesteps, encoder_hidden_states)
         return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
 
-    return dream_update(schedule, predict, idx, noise, noisy_latents, target, dream_detail_preservation)
+    return dream_update(schedule, predict, indices, noise, noisy_latents, target, dream_detail_preservation)
 
 
 class Dream:
@@ -77,8 +77,8 @@ class Dream:
     def __init__(self, detail_preservation: float = 1.0) -> None:
         self.detail_preservation = detail_preservation
 
-    def __call__(self, schedule, predict, idx, noise, noisy, target):
-        return dream_update(schedule, predict, idx, noise, noisy, target, self.detail_preservation)
+    def __call__(self, schedule, predict, indices, noise, noisy, target):
+        return dream_update(schedule, predict, indices, noise, noisy, target, self.detail_preservation)
 
 
 def build_dream(options) -> Dream | None:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
-
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """View a (B,) tensor as (B, 1, 1, ...) to broadcast against `like`, in its dtype."""
@@ -41,16 +39,16 @@ class NoiseSchedule:
         self.scheduler = scheduler  # the diffusers training scheduler (saved beside the model)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
-    # -- subclasses provide these three (all (B,) float32 on idx.device) ----------------------
-    def coefficients(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # -- subclasses provide these three (all (B,) float32 on indices.device) ----------------------
+    def coefficients(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) with x_t = a * x0 + b * eps."""
         raise NotImplementedError
 
-    def model_timesteps(self, idx: torch.Tensor) -> torch.Tensor:
+    def model_timesteps(self, indices: torch.Tensor) -> torch.Tensor:
         """The timestep values the denoiser is conditioned on."""
         raise NotImplementedError
 
-    def snr(self, idx: torch.Tensor) -> torch.Tensor:
+    def snr(self, indices: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     # -- derived, written once -----------------------------------------------------------------
@@ -59,17 +57,17 @@ class NoiseSchedule:
         n = self.num_train_timesteps
         return (u * n).long().clamp_(0, n - 1)
 
-    def sigma(self, idx: torch.Tensor) -> torch.Tensor:
+    def sigma(self, indices: torch.Tensor) -> torch.Tensor:
         """Flow-equivalent sigma in [0, 1]: b / (a + b)."""
-        a, b = self.coefficients(idx)
+        a, b = self.coefficients(indices)
         return b / (a + b)
 
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        a, b = self.coefficients(idx)
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        a, b = self.coefficients(indices)
         return _per_sample(a, x0) * x0 + _per_sample(b, x0) * noise
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        a, b = self.coefficients(idx)
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        a, b = self.coefficients(indices)
         kind = self.prediction_type
         if kind == "epsilon":
             return noise
@@ -79,9 +77,9 @@ class NoiseSchedule:
             return _per_sample(a, x0) * noise - _per_sample(b, x0) * x0
         return noise - x0  # flow: velocity d x_t / d sigma
 
-    def noise_coefficients(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noise_coefficients(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(d x_t / d eps, d target / d eps): how input and target move when eps moves (DREAM)."""
-        a, b = self.coefficients(idx)
+        a, b = self.coefficients(indices)
         kind = self.prediction_type
         if kind in ("epsilon", "flow"):
             return b, torch.ones_like(b)
@@ -89,9 +87,9 @@ class NoiseSchedule:
             return b, a
         return b, torch.zeros_like(b)  # sample: the target x0 does not depend on eps
 
-    def implied_noise(self, x_t: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def implied_noise(self, x_t: torch.Tensor, pred: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The noise eps_hat that a model prediction implies at x_t."""
-        a, b = self.coefficients(idx)
+        a, b = self.coefficients(indices)
         a, b = _per_sample(a, x_t), _per_sample(b, x_t)
         kind = self.prediction_type
         if kind == "epsilon":
@@ -102,9 +100,9 @@ class NoiseSchedule:
             return (x_t - a * pred) / b
         return x_t + a * pred  # flow: eps = x_t + (1 - sigma) v
 
-    def implied_sample(self, x_t: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def implied_sample(self, x_t: torch.Tensor, pred: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The clean sample x0_hat that a model prediction implies at x_t."""
-        a, b = self.coefficients(idx)
+        a, b = self.coefficients(indices)
         a, b = _per_sample(a, x_t), _per_sample(b, x_t)
         kind = self.prediction_type
         if kind == "epsilon":
@@ -115,9 +113,9 @@ class NoiseSchedule:
             return pred
         return x_t - b * pred  # flow: x0 = x_t - sigma v
 
-    def dream_scale(self, idx: torch.Tensor) -> torch.Tensor:
+    def dream_scale(self, indices: torch.Tensor) -> torch.Tensor:
         """The noise level DREAM raises to `detail_preservation`: sqrt(1 - alpha_bar) or sigma."""
-        return self.coefficients(idx)[1]
+        return self.coefficients(indices)[1]
 
 
 class DDPMSchedule(NoiseSchedule):
@@ -135,22 +133,22 @@ class DDPMSchedule(NoiseSchedule):
         self._alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
         self._cache: dict[torch.device, torch.Tensor] = {}
 
-    def _alpha_bar(self, idx: torch.Tensor) -> torch.Tensor:
-        table = self._cache.get(idx.device)
+    def _alpha_bar(self, indices: torch.Tensor) -> torch.Tensor:
+        table = self._cache.get(indices.device)
         if table is None:  # one copy per device, not one per step
-            table = self._cache[idx.device] = self._alphas_cumprod.to(idx.device)
-        return table[idx]
+            table = self._cache[indices.device] = self._alphas_cumprod.to(indices.device)
+        return table[indices]
 
-    def coefficients(self, idx):
-        alpha_bar = self._alpha_bar(idx)
+    def coefficients(self, indices):
+        alpha_bar = self._alpha_bar(indices)
         # `** 0.5` (not sqrt) mirrors diffusers' add_noise / DREAM bit for bit
         return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
 
-    def model_timesteps(self, idx):
-        return idx
+    def model_timesteps(self, indices):
+        return indices
 
-    def snr(self, idx):
-        a, b = self.coefficients(idx)
+    def snr(self, indices):
+        a, b = self.coefficients(indices)
         return (a / b) ** 2  # same expression as compute_snr; inf at alpha_bar = 1 is never sampled
 
 
@@ -172,18 +170,18 @@ class FlowMatchSchedule(NoiseSchedule):
             tables = self._cache[device] = (self._sigmas.to(device), self._timesteps.to(device))
         return tables
 
-    def coefficients(self, idx):
-        sigma = self._tables(idx.device)[0][idx]
+    def coefficients(self, indices):
+        sigma = self._tables(indices.device)[0][indices]
         return 1.0 - sigma, sigma
 
-    def sigma(self, idx):
-        return self._tables(idx.device)[0][idx]
+    def sigma(self, indices):
+        return self._tables(indices.device)[0][indices]
 
-    def model_timesteps(self, idx):
-        return self._tables(idx.device)[1][idx]
+    def model_timesteps(self, indices):
+        return self._tables(indices.device)[1][indices]
 
-    def snr(self, idx):
-        sigma = self.sigma(idx)
+    def snr(self, indices):
+        sigma = self.sigma(indices)
         return ((1.0 - sigma) / sigma) ** 2
 
     def index_of_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:

@@ -49,15 +49,15 @@ class LossWeighting:
     gamma: float | None = None
     max_weight: float | None = None
 
-    def __call__(self, schedule: NoiseSchedule, idx: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, schedule: NoiseSchedule, indices: torch.Tensor) -> torch.Tensor | None:
         if self.scheme == "none":
             return None
         if self.scheme == "min_snr":
             # preconditioned SD3 outputs are x0 estimates trained against x0: the 'sample' weight
             kind = "sample" if schedule.precondition_outputs else schedule.prediction_type
-            sigmas = schedule.sigma(idx) if kind == "flow" else None
-            return min_snr_weight(schedule.snr(idx), self.gamma, kind, sigmas=sigmas)
-        weights = compute_loss_weighting_for_sd3(self.scheme, sigmas=schedule.sigma(idx))
+            sigmas = schedule.sigma(indices) if kind == "flow" else None
+            return min_snr_weight(schedule.snr(indices), self.gamma, kind, sigmas=sigmas)
+        weights = compute_loss_weighting_for_sd3(self.scheme, sigmas=schedule.sigma(indices))
         if self.max_weight is not None:
             weights = weights.clamp(max=self.max_weight)
         return weights
