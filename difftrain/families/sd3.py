@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from difftrain.families import lora as lora_io
+from difftrain.families.latent_family import ForwardsToLatentTextToImage
 from difftrain.families.loading import load_component, read_model_index, resolve_source
-from difftrain.families.protocol import CacheOptions, SampleRequest
 from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts
 from difftrain.families.t2i_finished import FinishedPipeline
 
@@ -99,7 +99,7 @@ def export_scheduler_sd3(inference_scheduler, schedule):
     return type(inference_scheduler).from_config(inference_scheduler.config)
 
 
-class SD3Family:
+class SD3Family(ForwardsToLatentTextToImage):
     """ModelFamily of model=sd3 (registry target); LatentTextToImage does the shared work."""
 
     def __init__(self, options) -> None:
@@ -136,34 +136,6 @@ class SD3Family:
         schedule = schedule_from_scheduler(scheduler)
         schedule.precondition_outputs = bool(configured.precondition_outputs)
         return schedule
-
-    # ---- the rest of the protocol: LatentTextToImage --------------------------------------------------
-    def prepare(self, data, accelerator, lora, caches: CacheOptions, validation_prompts: list[str]) -> None:
-        self.t2i.prepare(data, accelerator, lora, caches, validation_prompts)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return self.t2i.trainable_parameters()
-
-    def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        return self.t2i.inputs(batch, device, generator)
-
-    def predict(self, model, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        return self.t2i.predict(model, x_t, timesteps, cond)
-
-    def checkpoint_tensors(self, model) -> dict[str, torch.Tensor]:
-        return self.t2i.checkpoint_tensors(model)
-
-    def load_checkpoint_tensors(self, model, tensors: dict[str, torch.Tensor]) -> None:
-        self.t2i.load_checkpoint_tensors(model, tensors)
-
-    def validation_request(self, validation: dict, data) -> SampleRequest:
-        return self.t2i.validation_request(validation, data)
-
-    def generate(self, model, schedule, request: SampleRequest, device) -> tuple[torch.Tensor, int]:
-        return self.t2i.generate(model, schedule, request, device)
-
-    def export(self, final_dir: Path, model, ema, schedule) -> None:
-        self.t2i.export(final_dir, model, ema, schedule)
 
     @classmethod
     def load_finished(cls, run_dir: Path, cfg: dict, device: str, checkpoint_tensors) -> FinishedPipeline:
