@@ -59,5 +59,6 @@ def build_ema(options) -> EMAFactory | None:
     """Registry target of the `ema` group (`options`: config/schema.py EMAConfig or EMAOffConfig)."""
     if options.name == "none":
         return None
-    keys = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "name"}
+    keys = dataclasses.asdict(options)
+    del keys["name"]
     return EMAFactory(keys)

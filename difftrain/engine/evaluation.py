@@ -55,6 +55,11 @@ def digits_accuracy(generate, num_classes: int, samples_per_label: int, steps: i
             "samples": len(labels), "inference_steps": steps}
 
 
+def _ema_weights(model, ema):
+    """The EMA weights inside (the live ones restored after, always); without EMA, the live weights."""
+    return ema.swapped(model) if ema is not None else nullcontext()
+
+
 class Evaluator:
     """Validation, evaluation and export of one run (rank 0).
 
@@ -79,7 +84,7 @@ class Evaluator:
         x0, cond = self._loss_inputs()
         timesteps, seed = self.validation["loss_timesteps"], self.validation["seed"]
         values = {"val_loss": self.objective.validation_loss(self.family, model, x0, cond, timesteps, seed)}
-        with ema.swapped(model) if ema is not None else nullcontext():
+        with _ema_weights(model, ema):
             if ema is not None:
                 values["val_loss_ema"] = self.objective.validation_loss(self.family, model, x0, cond, timesteps, seed)
             request = self.family.validation_request(self.validation, self.data)
@@ -100,7 +105,7 @@ class Evaluator:
         def generate(request):
             return self.family.generate(model, self.objective.schedule, request, self.device)
 
-        with ema.swapped(model) if ema is not None else nullcontext():
+        with _ema_weights(model, ema):
             return digits_accuracy(generate, self.digits_classes, e["samples_per_label"], e["inference_steps"],
                                    e["seed"])
 

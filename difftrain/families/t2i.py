@@ -3,7 +3,8 @@
 A family file (sd15.py, sd3.py) loads its pipeline's parts and hands them, with a `T2ISpec` of what is its
 own (tokenize, encode, call the denoiser, build its diffusers pipeline, its prompt keyword arguments, save
 LoRA files, LoRA targets, latent multiple, the exported scheduler), to a `LatentTextToImage`, which does the
-rest of the ModelFamily work; the family class forwards the protocol methods to it.
+rest of the ModelFamily work; the family class forwards the shared protocol methods to it through
+`ForwardsToLatentTextToImage` (latent_family.py).
 
 What the engine trains is a `T2IModule`: the denoiser, plus the text encoders when LoRA trains them
 (then prompts are encoded inside forward, so DDP, autocast, clipping, EMA and checkpoints see them).

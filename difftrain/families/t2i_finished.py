@@ -13,6 +13,7 @@ import torch
 
 from difftrain.errors import UserError
 from difftrain.families.protocol import SampleRequest
+from difftrain.families.t2i import DTYPES
 
 
 class FinishedPipeline:
@@ -29,8 +30,7 @@ class FinishedPipeline:
         self.pipeline_options = dict(pipeline_options or {})
         on_cuda = str(device).startswith("cuda")
         precision = cfg["trainer"]["mixed_precision"]
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) if on_cuda \
-            else torch.float32
+        self.dtype = DTYPES.get(precision, torch.float32) if on_cuda else torch.float32
         self._pipe = None
 
     def pipeline(self):

@@ -46,7 +46,7 @@ class UNet2DFamily:
         if options.pretrained:
             self.module = load_unet2d(options.pretrained)
         else:
-            keys = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+            keys = dataclasses.asdict(options)
             del keys["name"], keys["pretrained"]
             self.module = UNet2DModel(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in keys.items()})
         model_config = self.module.config
