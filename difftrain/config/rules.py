@@ -193,6 +193,29 @@ def validation_labels_in_model_classes(cfg: dict) -> list[str]:
     return []
 
 
+def buckets_are_none_auto_or_sizes(cfg: dict) -> list[str]:
+    """`data.buckets` is `none`, `auto` or a non-empty list of `[height, width]` pairs of positive integers."""
+    buckets = node_of(cfg, "data").get("buckets", "none")
+    if isinstance(buckets, str):
+        if buckets not in ("none", "auto"):
+            return [f"data.buckets must be none, auto or a list of [height, width], not '{buckets}'"]
+        return []
+    pairs = isinstance(buckets, list) and buckets and all(
+        isinstance(b, list) and len(b) == 2 and all(isinstance(v, int) and v > 0 for v in b) for b in buckets)
+    if not pairs:
+        return [f"data.buckets {buckets} must be a non-empty list of [height, width] pairs of positive integers, "
+                "e.g. data.buckets=[[512,512],[448,576],[576,448]]"]
+    return []
+
+
+def validation_split_is_a_fraction_or_count(cfg: dict) -> list[str]:
+    """`data.validation_split` is a fraction below 1 or a whole number of samples."""
+    split = node_of(cfg, "data").get("validation_split", 0)
+    if isinstance(split, (int, float)) and split >= 1 and split != int(split):
+        return [f"data.validation_split={split}: give a fraction below 1 (e.g. 0.05) or a whole count (e.g. 100)"]
+    return []
+
+
 # ---- optimisation ---------------------------------------------------------------------------------
 def adam_betas(cfg: dict) -> list[str]:
     """`optimizer.betas` are two numbers in [0, 1)."""
@@ -299,6 +322,8 @@ RULES: tuple[Rule, ...] = (
     sample_size_is_data_resolution,
     data_classes_fit_model,
     validation_labels_in_model_classes,
+    buckets_are_none_auto_or_sizes,
+    validation_split_is_a_fraction_or_count,
     pretrained_pipeline_is_given,
     pretrained_family_scheduler,
     pretrained_family_ignores_scheduler_tables,

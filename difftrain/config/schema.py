@@ -144,6 +144,8 @@ class DigitsDataConfig:
     random_flip: bool = opt(False, "random horizontal flip")
     num_classes: int = opt(10, "number of labels", ge=1, le=10)
     channels: int = opt(1, "grayscale", choices=(1,))
+    validation_split: float = opt(0.0, "samples held out for the validation loss: a fraction (< 1) or a count; "
+                                       "0 = the validation loss reads the first training samples", ge=0)
 
 
 @dataclass(frozen=True)
@@ -153,12 +155,25 @@ class CaptionedImageDataConfig:
 
     name: str = ""
     resolution: int = opt(512, "image size after resize and crop", ge=1)
-    center_crop: bool = opt(True, "center crop (else a random crop, fixed per image)")
-    random_flip: bool = opt(False, "random horizontal flip, drawn per step")
+    center_crop: bool = opt(True, "center crop (else a random crop, drawn per sample and epoch; with "
+                                  "cache_latents one crop per sample, drawn once)")
+    random_flip: bool = opt(False, "random horizontal flip, drawn per sample and epoch")
     channels: int = opt(3, "RGB", choices=(3,))
+    buckets: str | list[list[int]] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
+        "none", "aspect-ratio buckets: none (one square of data.resolution), auto (a ladder of about "
+        "data.resolution^2 pixels, aspect 1:4..4:1) or a list of [height, width]")
+    bucket_step: int | None = opt(None, "side granularity of buckets=auto; null = the model's size multiple", ge=1)
+    max_upscale: float = opt(2.0, "an image upscaled more than this to cover its bucket is too small "
+                                  "(see on_bad_image)", ge=1)
+    validation_split: float = opt(0.0, "samples held out for the validation loss: a fraction (< 1) or a count; "
+                                       "0 = the validation loss reads the first training samples", ge=0)
+    on_bad_image: str = opt("error", "unreadable, truncated, empty or too-small images: error (list them all, "
+                                     "exit 2) or skip (train without them, listed in RUN_DIR/data/skipped.txt)",
+                            choices=("error", "skip"))
     instance_prompt: str | None = opt(None, "one prompt for every image (overrides the captions)")
     caption_dropout: float = opt(0.0, "probability of training a sample on the empty prompt", ge=0, le=1)
-    cache_latents: bool = opt(False, "encode every image with the VAE once (both flips when random_flip)")
+    cache_latents: bool = opt(False, "encode every image with the VAE once into on-disk shards (both flips "
+                                     "when random_flip)")
     cache_text_embeddings: bool | None = opt(None, "cache prompt embeddings; null = when the text encoders "
                                                    "are frozen")
     cache_dir: str | None = opt(None, "folder of the caches; null = RUN_DIR/cache")
@@ -242,6 +257,9 @@ class TrainerConfig:
     deterministic: bool = opt(False, "torch deterministic algorithms (bitwise GPU runs, slower)")
     cpu: bool = opt(False, "force CPU even when an accelerator is present")
     progress: bool = opt(True, "rich progress bar")
+    num_workers: int = opt(0, "DataLoader worker processes decoding images ahead of the step (0 = in the "
+                              "training process); the batches are the same for any number", ge=0)
+    prefetch_factor: int = opt(2, "micro-batches each worker prepares ahead", ge=1)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,17 @@
-"""Content-keyed caches of VAE latents and prompt embeddings, rows indexed by dataset index.
+"""Content-keyed on-disk caches of VAE latents and prompt embeddings: per-sample rows in memory-mappable
+safetensors shards, read lazily (RAM does not grow with the dataset).
 
-A cache is one safetensors file `<kind>-<key>.safetensors` in `data.cache_dir` (default RUN_DIR/cache).
-The key is a SHA-256 over everything that changes its content: for latents the preprocessed pixels
-(so resolution, crop, interpolation and the image files), whether both flips are stored, the VAE (id,
-config and a weight fingerprint) and the dtype it runs in; for text the captions in dataset order, the
-tokenizers, the text encoders and their dtype, the sequence length. A different key is a different file,
-so a stale cache is never read; the key and its fields are also stored in the file's metadata and checked on
-load. Rank 0 computes and writes (temporary file, then rename); every rank then reads the same file.
+A cache is a folder `<kind>-<key>/` in `data.cache_dir` (default RUN_DIR/cache) holding `shard-NNNNN.safetensors`
+files of `SHARD_SIZE` items each (tensors named `<item>.<name>`) and, once every shard exists, `manifest.json`.
+The key is a SHA-256 over everything that changes the content: for latents the image index (file names, sizes,
+mtimes), buckets, crop and interpolation, whether both flips are stored, the VAE (id, config and a weight
+fingerprint) and the dtype it runs in; for text the distinct captions, the tokenizers, the text encoders and their
+dtype, the sequence length. A different key is a different folder, so a stale cache is never read; each shard
+carries the key in its metadata and is checked when opened.
+
+The build is split across ranks (shard s is computed by rank s mod world size), writes each shard to a temporary
+file and renames it, so a killed build keeps its finished shards and the next run computes only the missing
+ones. The shards' bytes depend only on their content: an interrupted and resumed build writes the same files.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,19 +27,12 @@ import torch
 
 from difftrain.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+SHARD_SIZE = 256
 
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (dtype and shape included)."""
-    t = tensor.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def module_fingerprint(module: torch.nn.Module | None, samples: int = 1024) -> str:
@@ -58,62 +57,145 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest([type(tokenizer).__name__, tokenizer.model_max_length, sorted(vocab.items())])
 
 
-def cached_tensors(cache_dir: Path, kind: str, fields: dict, compute: Callable[[], dict[str, torch.Tensor]],
-                   accelerator, prune: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    """Load the cache of (kind, fields) or compute it on rank 0 and write it; returns (tensors, path)."""
-    key = digest({"version": CACHE_VERSION, "kind": kind, **fields})
-    path = cache_dir / f"{kind}-{key[:20]}.safetensors"
-    tensors = None
-    if accelerator.is_main_process:
-        tensors = _load(path, key)
-        if tensors is None:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
-            _write(path, tensors, key, fields)
-            if prune:  # the run's own cache folder keeps only the current file of each kind
-                for old in cache_dir.glob(f"{kind}-*.safetensors"):
-                    if old != path:
-                        old.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    if tensors is None:
-        tensors = _load(path, key)
-        if tensors is None:
-            raise UserError(f"the {kind} cache '{path}' written by rank 0 is missing or unreadable on this rank; "
-                            "data.cache_dir must be a folder every process can read")
-    return tensors, path
+class ShardReader:
+    """Lazy reads of one complete cache: `get(item, name)` memory-maps the item's shard on first use.
+    Picklable (DataLoader workers open their own handles)."""
+
+    def __init__(self, folder: Path, key: str, shard_size: int) -> None:
+        self.folder, self.key, self.shard_size = folder, key, shard_size
+        self._open: dict[int, object] = {}
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "key": self.key, "shard_size": self.shard_size, "_open": {}}
+
+    def names(self, item: int) -> list[str]:
+        """The tensor names stored for `item` (sorted)."""
+        self.get(item, None)
+        prefix = f"{item}."
+        return sorted(k[len(prefix):] for k in self._open[item // self.shard_size].keys() if k.startswith(prefix))
+
+    def get(self, item: int, name: str | None) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        shard = item // self.shard_size
+        handle = self._open.get(shard)
+        if handle is None:
+            path = self.folder / shard_name(shard)
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # noqa: BLE001
+                raise UserError(f"cache shard '{path}' cannot be read ({exc}); delete the folder "
+                                f"'{self.folder}' and run again to rebuild it") from None
+            if (handle.metadata() or {}).get("key") != self.key:
+                raise UserError(f"cache shard '{path}' belongs to another cache; delete '{self.folder}' and run "
+                                "again")
+            self._open[shard] = handle
+        return None if name is None else handle.get_tensor(f"{item}.{name}")
 
 
-def _load(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                return None
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except Exception:  # noqa: BLE001 (truncated or corrupt: recompute)
-        return None
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.safetensors"
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], key: str, fields: dict) -> None:
-    from safetensors.torch import save_file
+class ShardedCache:
+    """The cache of (kind, fields) with `count` items in `folder`."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder: Path, kind: str, fields: dict, count: int, shard_size: int = SHARD_SIZE) -> None:
+        self.kind, self.fields, self.count, self.shard_size = kind, fields, count, shard_size
+        self.key = digest({"version": CACHE_VERSION, "kind": kind, "count": count, **fields})
+        self.root = folder
+        self.folder = folder / f"{kind}-{self.key[:20]}"
+
+    @property
+    def shards(self) -> int:
+        return (self.count + self.shard_size - 1) // self.shard_size
+
+    def items(self, shard: int) -> list[int]:
+        return list(range(shard * self.shard_size, min(self.count, (shard + 1) * self.shard_size)))
+
+    def complete(self) -> bool:
+        try:
+            return json.loads((self.folder / "manifest.json").read_text()).get("key") == self.key
+        except (OSError, ValueError):
+            return False
+
+    def missing(self) -> list[int]:
+        return [s for s in range(self.shards) if not self._valid_shard(s)]
+
+    def _valid_shard(self, shard: int) -> bool:
+        from safetensors import safe_open
+
+        path = self.folder / shard_name(shard)
+        if not path.is_file():
+            return False
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get("key") == self.key
+        except Exception:  # noqa: BLE001 (a torn file from a killed build: recompute it)
+            return False
+
+    def build(self, compute: Callable[[list[int]], dict[str, torch.Tensor]], accelerator, prune: bool,
+              show_progress: bool = True) -> ShardReader:
+        """Compute the missing shards (this rank's share), wait for every rank, publish the manifest; a reader."""
+        rank, world = accelerator.process_index, accelerator.num_processes
+        if not self.complete():
+            todo = [s for s in self.missing() if s % world == rank]
+            with _progress(f"cache {self.kind}", len(todo), show_progress and accelerator.is_main_process) as tick:
+                for shard in todo:
+                    self._write(shard, compute(self.items(shard)))
+                    tick()
+            accelerator.wait_for_everyone()
+            missing = self.missing()  # every rank checks the shared folder: all raise, or none does
+            if missing:
+                raise UserError(f"the {self.kind} cache in '{self.folder}' lacks shards {missing[:5]} after the "
+                                "build; data.cache_dir must be a folder every process can write and read")
+            if accelerator.is_main_process:
+                _write_json(self.folder / "manifest.json", {"key": self.key, "kind": self.kind, "count": self.count,
+                                                            "shard_size": self.shard_size, "fields": self.fields})
+        if prune and accelerator.is_main_process:  # the run's own cache folder keeps only the current caches
+            for old in self.root.glob(f"{self.kind}-*"):
+                if old.is_dir() and old != self.folder:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if not self.complete():
+            raise UserError(f"the {self.kind} cache '{self.folder}' is incomplete on this rank; data.cache_dir "
+                            "must be a folder every process can read")
+        return ShardReader(self.folder, self.key, self.shard_size)
+
+    def _write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / shard_name(shard)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={"key": self.key})
+        os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"key": key, "fields": json.dumps(fields, sort_keys=True, default=str)})
+    tmp.write_text(json.dumps(obj, sort_keys=True, default=str, indent=1))
     os.replace(tmp, path)
 
 
-def encode_latent_parameters(vae, images: torch.Tensor, flips: bool, batch_size: int, device,
-                             dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The VAE's latent distribution parameters (mean, logvar) of every image; rows [N, 2N) are the mirrored
-    images when `flips` (row = index + N * flipped)."""
-    sources = [images, images.flip(-1)] if flips else [images]
-    rows = []
-    with torch.no_grad():
-        for source in sources:
-            for start in range(0, len(source), batch_size):
-                px = source[start : start + batch_size].to(device=device, dtype=dtype)
-                rows.append(vae.encode(px).latent_dist.parameters.cpu())
-    return {"parameters": torch.cat(rows)}
+class _progress:
+    """A rich progress bar over shards (a no-op when disabled or when there is nothing to do)."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled and total > 0
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("shards"), TimeRemainingColumn())
+        task = self.bar.add_task(self.label, total=self.total)
+        self.bar.start()
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.stop()

@@ -1,159 +1,204 @@
-"""Data sources: digits (scikit-learn), a folder of images, a Hugging Face `datasets` dataset.
+"""Data sources: digits (scikit-learn, in memory), a folder of images, a Hugging Face `datasets` dataset.
 
-Each builds an in-memory `ImageDataset` of images in [-1, 1], labels and captions; the batch of a
-step is drawn from it by index (data/order.py decides which indices)."""
+Each builder makes a `TrainingData`: an index of the samples (data/index.py: no pixels decoded), their
+buckets (data/buckets.py), the training and held-out validation positions, and the torch Dataset that
+decodes them in DataLoader workers (data/samples.py). Bad images (unreadable, truncated, zero-byte, too
+small for their bucket) are all reported at once: `data.on_bad_image=error` stops (exit 2) before anything
+is written, `skip` trains without them and lists them in RUN_DIR/data/skipped.txt.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from difftrain.components.seeding import seed_for
-from difftrain.data.transforms import load_image, resize_tensor
+from difftrain.data.buckets import BucketPlan, plan_buckets
+from difftrain.data.index import SampleIndex, index_hf, index_imagefolder
+from difftrain.data.loader import BatchStream
+from difftrain.data.order import BatchOrder, holdout
+from difftrain.data.samples import Augment, ImageSamples, RowReader, TensorSamples, file_reader
 from difftrain.errors import UserError
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+SHOWN_PROBLEMS = 20
 
 
 @dataclass
-class ImageDataset:
-    """Images in [-1, 1] (N, C, H, W) kept in memory, with integer labels (or None)."""
+class TrainingData:
+    """The samples of a run and how they are batched (built by the `data` registry targets below)."""
 
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    num_classes: int | None
+    samples: ImageSamples                 # the torch Dataset (positions 0..N-1 of `index`)
+    index: SampleIndex
+    plan: BucketPlan
+    train: list[int]                      # positions trained on
+    validation: list[int]                 # positions held out for the validation loss ([] = first training ones)
     random_flip: bool = False
-    captions: list[str | None] | None = None  # per image (text-to-image models); None = no captions
-    caption_dropout: float = 0.0
+    channels: int = 3
+    fingerprint: str = ""                 # changes with the image files (part of the latent cache key)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.train)
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """{"pixels", "labels", "indices", "flips"} of the given dataset indices, plus "captions" and
-        "dropped" when the data has captions. Flips, then caption dropout (only with a generator: training),
-        are drawn from `generator`; a dropped caption becomes the empty prompt."""
-        x = self.images[indices]
-        flip = None
-        if self.random_flip and generator is not None:  # augmentation is for training only
-            flip = torch.rand(len(indices), generator=generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        labels = self.labels[indices] if self.labels is not None else None
-        out = {"pixels": x, "labels": labels, "indices": indices, "flips": flip}
-        if self.captions is not None:
-            dropped = torch.zeros(len(indices), dtype=torch.bool)
-            if self.caption_dropout > 0 and generator is not None:
-                dropped = torch.rand(len(indices), generator=generator) < self.caption_dropout
-            out["captions"] = ["" if d else self.captions[i] for i, d in zip(indices.tolist(), dropped.tolist())]
-            out["dropped"] = dropped
-        return out
+    @property
+    def captions(self) -> list[str | None] | None:
+        return self.index.captions
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.index.num_classes
+
+    @property
+    def names(self) -> list[str]:
+        return self.index.names
+
+    @property
+    def validation_size(self) -> tuple[int, int]:
+        """(h, w) of the most common training bucket: the size of validation images and sample grids."""
+        counts = Counter(self.plan.bucket_of[p] for p in self.train)
+        best = max(sorted(counts), key=lambda b: counts[b])
+        return self.plan.buckets[best]
+
+    def groups(self) -> list[list[int]]:
+        """Training positions of each bucket, in index order."""
+        members: list[list[int]] = [[] for _ in self.plan.buckets]
+        for p in self.train:
+            members[self.plan.bucket_of[p]].append(p)
+        return members
+
+    def order(self, batch_size: int, grad_accum: int, world_size: int, seed: int) -> BatchOrder:
+        return BatchOrder(self.groups(), batch_size, grad_accum, world_size, seed)
+
+    def stream(self, order: BatchOrder, rank: int, max_steps: int, num_workers: int, prefetch_factor: int,
+               pin_memory: bool) -> BatchStream:
+        return BatchStream(self.samples, order, rank, max_steps, num_workers, prefetch_factor, pin_memory)
+
+    def validation_batch(self, count: int) -> dict:
+        """The fixed samples of the validation loss: the held-out ones (or the first training ones), at the
+        most common bucket's size, center-cropped, not flipped."""
+        positions = (self.validation or self.train)[:count]
+        return self.samples.fixed_batch(positions, self.validation_size)
+
+    def report(self) -> str:
+        """Buckets with their counts, held-out and skipped samples (`difftrain data-report`)."""
+        counts = Counter(self.plan.bucket_of[p] for p in self.train)
+        lines = [f"{len(self.index)} samples usable: {len(self.train)} train, {len(self.validation)} validation; "
+                 f"{len(self.skipped)} skipped", "bucket (h x w)   aspect   train samples"]
+        for b, (h, w) in enumerate(self.plan.buckets):
+            if counts.get(b):
+                lines.append(f"{h:>5} x {w:<6}   {w / h:5.2f}   {counts[b]}")
+        for name, reason in self.skipped[:SHOWN_PROBLEMS]:
+            lines.append(f"skipped: {name}: {reason}")
+        if len(self.skipped) > SHOWN_PROBLEMS:
+            lines.append(f"... and {len(self.skipped) - SHOWN_PROBLEMS} more skipped")
+        return "\n".join(lines)
+
+    def write_records(self, run_dir: Path) -> None:
+        """RUN_DIR/data/: buckets.json, validation.txt (held-out samples), skipped.txt (bad images)."""
+        folder = run_dir / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        counts = Counter(self.plan.bucket_of[p] for p in self.train)
+        (folder / "buckets.json").write_text(json.dumps(
+            [{"height": h, "width": w, "train_samples": counts.get(b, 0)} for b, (h, w) in enumerate(self.plan.buckets)],
+            indent=1))
+        (folder / "validation.txt").write_text("".join(f"{self.names[p]}\n" for p in self.validation))
+        (folder / "skipped.txt").write_text("".join(f"{n}\t{r}\n" for n, r in self.skipped))
 
 
-def build_digits(options, interpolation, seed: int) -> ImageDataset:
-    """scikit-learn's bundled UCI digits: 1,797 8x8 images with values 0..16 (no download).
+def _augment(options, interpolation) -> Augment:
+    return Augment(getattr(options, "center_crop", True), options.random_flip, getattr(options, "caption_dropout", 0.0),
+                   options.channels, interpolation)
+
+
+def _finish(index: SampleIndex, options, seed: int, size_multiple: int, make_samples) -> TrainingData:
+    """Buckets, bad-data policy, validation hold-out; `make_samples(index, plan, members)` builds the Dataset."""
+    step = options.bucket_step or size_multiple
+    buckets = options.buckets
+    if isinstance(buckets, list):
+        wrong = [b for b in buckets if b[0] % size_multiple or b[1] % size_multiple]
+        if wrong:
+            raise UserError(f"data.buckets {wrong[:3]} have sides that are not multiples of {size_multiple} (this "
+                            "model's size multiple: latent downsampling x VAE factor); round them")
+    elif step % size_multiple:
+        raise UserError(f"data.bucket_step ({step}) must be a multiple of {size_multiple} for this model")
+    plan = plan_buckets(index.sizes, buckets, options.resolution, step, options.max_upscale)
+    problems = list(index.bad)
+    for p in plan.too_small:
+        h, w = index.sizes[p]
+        bh, bw = plan.buckets[plan.bucket_of[p]]
+        problems.append((index.names[p], f"too small: {h}x{w} would be upscaled more than data.max_upscale="
+                                          f"{options.max_upscale} to its {bh}x{bw} bucket"))
+    if problems and options.on_bad_image == "error":
+        shown = "; ".join(f"{n} ({r})" for n, r in problems[:SHOWN_PROBLEMS])
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise UserError(f"{len(problems)} of {len(index) + len(index.bad)} images cannot be trained on: {shown}{more}. "
+                        "Fix or remove them, or set data.on_bad_image=skip to train without them (the list is "
+                        "written to RUN_DIR/data/skipped.txt)")
+    if plan.too_small:
+        small = set(plan.too_small)
+        keep = [i for i in range(len(index)) if i not in small]
+        index = index.subset(keep)
+        plan = BucketPlan(plan.buckets, [plan.bucket_of[i] for i in keep], [])
+    if len(index) == 0:
+        raise UserError("no image is left to train on after skipping the bad ones; fix the data")
+    validation = holdout(len(index), options.validation_split, seed)
+    held = set(validation)
+    train = [p for p in range(len(index)) if p not in held]
+    data = TrainingData(None, index, plan, train, validation, options.random_flip, options.channels,
+                        index.fingerprint, problems)
+    data.samples = make_samples(index, plan, data.groups())
+    return data
+
+
+def build_digits(options, interpolation, seed: int, size_multiple: int = 1, cache_folder=None) -> TrainingData:
+    """scikit-learn's bundled UCI digits: 1,797 8x8 images with values 0..16 (no download), in memory.
     `options`: config/schema.py DigitsDataConfig."""
     from sklearn.datasets import load_digits
 
-    resolution, random_flip, num_classes = options.resolution, options.random_flip, options.num_classes
+    from difftrain.data.transforms import resize_tensor
 
-    digits = load_digits(n_class=num_classes)
+    resolution = options.resolution
+    digits = load_digits(n_class=options.num_classes)
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [0, 1]
     if resolution != images.shape[-1]:
         images = resize_tensor(images, resolution, interpolation)
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    return ImageDataset(images * 2.0 - 1.0, labels, num_classes, random_flip)
+    images = images * 2.0 - 1.0
+    n = len(images)
+    index = SampleIndex(list(range(n)), [(resolution, resolution)] * n, [f"digit {i}" for i in range(n)], None,
+                        digits.target.tolist(), options.num_classes)
+    plan = BucketPlan([(resolution, resolution)], [0] * n, [])
+    validation = holdout(n, options.validation_split, seed)
+    held = set(validation)
+    data = TrainingData(None, index, plan, [p for p in range(n) if p not in held], validation, options.random_flip,
+                        options.channels, f"digits/{resolution}/{options.num_classes}")
+    data.samples = TensorSamples(images, index, plan, _augment(options, interpolation), seed, data.groups())
+    return data
 
 
-def _list_images(root: Path) -> list[tuple[Path, str | None]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[tuple[Path, str | None]] = []
-    if classes:
-        for cls in classes:
-            for dirpath, _, names in os.walk(root / cls):
-                files += [(Path(dirpath) / n, cls) for n in sorted(names) if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
-    files += [(p, None) for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    return files
+def build_imagefolder(options, interpolation, seed: int, size_multiple: int = 1,
+                      cache_folder: Path | None = None) -> TrainingData:
+    """A folder of images, indexed from headers (the scan is cached in `cache_folder`) and decoded in workers.
+    `options`: config/schema.py ImageFolderDataConfig."""
+    index = index_imagefolder(options, cache_folder)
+    augment = _augment(options, interpolation)
+    return _finish(index, options, seed, size_multiple,
+                   lambda ix, plan, members: ImageSamples(file_reader, ix, plan, augment, seed, members))
 
 
-def build_imagefolder(options, interpolation, seed: int) -> ImageDataset:
-    """Load, resize (shorter side, chosen interpolation) and crop every image once; read the captions.
-
-    `options`: config/schema.py ImageFolderDataConfig. Its cache keys (cache_latents, cache_text_embeddings,
-    cache_dir) are read by engine/setup.py for the text-to-image families, which build the caches."""
-    from PIL import Image
-
-    from difftrain.data.captions import read_captions
-
-    path, resolution, center_crop, channels = options.path, options.resolution, options.center_crop, options.channels
-    num_classes, random_flip = options.num_classes, options.random_flip
-    caption_column, instance_prompt = options.caption_column, options.instance_prompt
-
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data.path '{path}' is not a folder: point data.path at a folder of images "
-                        "(optionally one subfolder per class)")
-    files = _list_images(root)
-    if not files:
-        raise UserError(f"data.path '{path}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                        "add images or fix data.path")
-    class_names = sorted({c for _, c in files if c is not None})
-    if class_names and any(c is None for _, c in files):
-        raise UserError(f"data.path '{path}' mixes class subfolders with loose images; "
-                        "move the loose images into a class subfolder")
-    crop_gen = torch.Generator().manual_seed(seed_for(seed, 0, "crop"))
-    tensors = []
-    for file, _ in files:
-        try:
-            with Image.open(file) as im:
-                tensors.append(load_image(im, resolution, center_crop, channels, interpolation, crop_gen))
-        except OSError as exc:
-            raise UserError(f"could not read image '{file}' ({exc}); remove or replace the file") from None
-    labels = None
-    if class_names:
-        index = {c: i for i, c in enumerate(class_names)}
-        labels = torch.tensor([index[c] for _, c in files], dtype=torch.long)
-        num_classes = num_classes or len(class_names)
-        if len(class_names) > num_classes:
-            raise UserError(f"data.path has {len(class_names)} class folders but data.num_classes={num_classes}; "
-                            "raise data.num_classes or remove folders")
-    captions = read_captions(root, [f for f, _ in files], caption_column, instance_prompt)
-    return ImageDataset(torch.stack(tensors), labels, num_classes if labels is not None else None, random_flip,
-                        captions, options.caption_dropout)
-
-
-def build_hf(options, interpolation, seed: int) -> ImageDataset:
-    """A `datasets` dataset: a folder written by save_to_disk, a local folder load_dataset reads, or a hub id.
-    `options`: config/schema_t2i.py HFDataConfig."""
-    dataset, split, image_column, caption_column = options.dataset, options.split, options.image_column, \
-        options.caption_column
-    resolution, center_crop, channels = options.resolution, options.center_crop, options.channels
-    instance_prompt, max_samples, config_name = options.instance_prompt, options.max_samples, options.config_name
-    rows = _load_hf(dataset, config_name, split)
-    for column in (image_column, caption_column if instance_prompt is None else None):
-        if column is not None and column not in rows.column_names:
-            raise UserError(f"data.dataset '{dataset}' has no column '{column}'; its columns are "
-                            f"{', '.join(rows.column_names)} (set data.image_column / data.caption_column)")
-    if max_samples is not None:
-        rows = rows.select(range(min(max_samples, len(rows))))
-    if len(rows) == 0:
-        raise UserError(f"data.dataset '{dataset}' split '{split}' has no rows")
-    crop_gen = torch.Generator().manual_seed(seed_for(seed, 0, "crop"))
-    images, captions = [], []
-    for i, row in enumerate(rows):
-        image = row[image_column]
-        if not hasattr(image, "convert"):
-            raise UserError(f"data.image_column '{image_column}' of '{dataset}' holds {type(image).__name__}, not "
-                            "images; name the column with the images")
-        images.append(load_image(image, resolution, center_crop, channels, interpolation, crop_gen))
-        text = instance_prompt if instance_prompt is not None else row[caption_column]
-        if not isinstance(text, str):
-            raise UserError(f"row {i} of '{dataset}': the caption column '{caption_column}' must hold strings, "
-                            f"got {type(text).__name__}")
-        captions.append(text)
-    return ImageDataset(torch.stack(images), None, None, options.random_flip, captions, options.caption_dropout)
+def build_hf(options, interpolation, seed: int, size_multiple: int = 1, cache_folder: Path | None = None) -> TrainingData:
+    """A `datasets` dataset (a folder written by save_to_disk, a local folder load_dataset reads, or a hub id),
+    kept as its memory-mapped Arrow table. `options`: config/schema_t2i.py HFDataConfig."""
+    rows = _load_hf(options.dataset, options.config_name, options.split)
+    if options.max_samples is not None:
+        rows = rows.select(range(min(options.max_samples, len(rows))))
+    index = index_hf(options, rows)
+    reader = RowReader(rows, options.image_column)
+    augment = _augment(options, interpolation)
+    return _finish(index, options, seed, size_multiple,
+                   lambda ix, plan, members: ImageSamples(reader, ix, plan, augment, seed, members))
 
 
 def _load_hf(dataset: str, config_name: str | None, split: str):

@@ -71,11 +71,15 @@ class Evaluator:
         self.family, self.objective, self.data = family, objective, data
         self.validation, self.evaluation = validation, evaluation
         self.run_dir, self.device, self.digits_classes = run_dir, device, digits_classes
+        self._fixed_inputs = None
 
     def _loss_inputs(self):
-        """The fixed samples of the validation loss: the first `loss_batch_size`, no flips, posterior means."""
-        count = min(self.validation["loss_batch_size"], len(self.data))
-        return self.family.inputs(self.data.batch(torch.arange(count)), self.device)
+        """The fixed samples of the validation loss (data.validation_batch: held-out ones when the data holds
+        some out, at the most common bucket size, unaugmented), as posterior means; computed once."""
+        if self._fixed_inputs is None:
+            batch = self.data.validation_batch(self.validation["loss_batch_size"])
+            self._fixed_inputs = self.family.inputs(batch, self.device)
+        return self._fixed_inputs
 
     def validate(self, model, ema, step: int, metrics) -> None:
         """Validation loss (raw and EMA weights) and a sample grid with the EMA weights (always restored)."""

@@ -12,7 +12,8 @@ from difftrain.errors import UserError
 # keys that may differ between a run and its resume without changing what is trained
 RESUME_MAY_CHANGE = ("resume", "output_dir", "trainer.max_steps", "trainer.checkpoint_every",
                      "trainer.checkpoints_total_limit", "trainer.validate_every", "trainer.log_every",
-                     "trainer.progress", "trainer.num_workers", "validation", "eval")
+                     "trainer.progress", "trainer.num_workers", "trainer.prefetch_factor", "data.cache_dir",
+                     "validation", "eval")
 
 
 def default_run_dir(now: datetime | None = None) -> Path:

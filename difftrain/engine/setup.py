@@ -2,7 +2,9 @@
 
 The order matters for exact reproducibility: the global RNG is seeded first, so the model's random
 initialisation (and LoRA's) is the same on every rank and in every resumed run; nothing between the seed
-and the model build draws from it. Every option group is built by the registry.
+and the model build draws from it. The model is built before the data because the data's buckets are
+sized by the model (`family.size_multiple`); indexing the data draws nothing from the global RNG. Every
+option group is built by the registry.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from difftrain import registry
 from difftrain.components.seeding import set_seed
-from difftrain.data.order import BatchOrder
+from difftrain.data.loader import BatchStream
 from difftrain.engine.evaluation import Evaluator
 from difftrain.engine.objective import DiffusionObjective
 from difftrain.engine.strategies import strategy_for
@@ -25,23 +27,28 @@ class RunParts:
 
     accelerator: object
     family: object        # families.protocol.ModelFamily
-    data: object          # data.sources.ImageDataset
+    data: object          # data.sources.TrainingData
     objective: DiffusionObjective
     model: object         # family.module after accelerator.prepare
     optimizer: object
     lr_scheduler: object
     strategy: object      # engine.strategies.DDPStrategy | DeepSpeedStrategy
     ema: object | None    # components.ema_factory.EMA
-    order: BatchOrder
+    stream: BatchStream   # the micro-batches of this rank, decoded by DataLoader workers
     evaluator: Evaluator
+
+
+def cache_folder(cfg: dict, run_dir: Path) -> Path:
+    data = cfg["data"]
+    return Path(data["cache_dir"]).expanduser() if data.get("cache_dir") else run_dir / "cache"
 
 
 def cache_options(cfg: dict, run_dir: Path) -> CacheOptions:
     """data.cache_* as the families read them (data=digits has none: nothing is cached)."""
     data = cfg["data"]
-    folder = Path(data["cache_dir"]).expanduser() if data.get("cache_dir") else run_dir / "cache"
     return CacheOptions(latents=bool(data.get("cache_latents")), text=data.get("cache_text_embeddings"),
-                        folder=folder, prune=not data.get("cache_dir"), batch_size=cfg["trainer"]["batch_size"],
+                        folder=cache_folder(cfg, run_dir), prune=not data.get("cache_dir"),
+                        batch_size=cfg["trainer"]["batch_size"], num_workers=cfg["trainer"]["num_workers"],
                         key_fields=(("center_crop", data.get("center_crop")),
                                     ("interpolation", cfg["interpolation"]["name"])))
 
@@ -50,8 +57,11 @@ def build_run(cfg: dict, run_dir: Path, accelerator) -> RunParts:
     trainer = cfg["trainer"]
     set_seed(cfg["seed"], deterministic=trainer["deterministic"])  # model init is identical on all ranks
     interpolation = registry.build("interpolation", cfg["interpolation"])
-    data = registry.build("data", cfg["data"], interpolation=interpolation, seed=cfg["seed"])
     family = registry.build("model", cfg["model"])
+    data = registry.build("data", cfg["data"], interpolation=interpolation, seed=cfg["seed"],
+                          size_multiple=family.size_multiple, cache_folder=cache_folder(cfg, run_dir))
+    if accelerator.is_main_process:
+        data.write_records(run_dir)
     schedule = family.training_schedule(registry.build("scheduler", cfg["scheduler"]))
     objective = DiffusionObjective(
         schedule, registry.build("weighting_scheme", cfg["weighting_scheme"]),
@@ -69,10 +79,11 @@ def build_run(cfg: dict, run_dir: Path, accelerator) -> RunParts:
     strategy.cast_half_inputs()
     ema_factory = registry.build("ema", cfg["ema"])
     ema = ema_factory(accelerator.unwrap_model(model)) if ema_factory is not None else None
-    order = BatchOrder(len(data), trainer["batch_size"], trainer["grad_accum"], accelerator.num_processes,
-                       cfg["seed"])
+    order = data.order(trainer["batch_size"], trainer["grad_accum"], accelerator.num_processes, cfg["seed"])
+    stream = data.stream(order, accelerator.process_index, trainer["max_steps"], trainer["num_workers"],
+                         trainer["prefetch_factor"], pin_memory=accelerator.device.type == "cuda")
     digits_classes = data.num_classes if cfg["data"]["name"] == "digits" else None
     evaluator = Evaluator(family, objective, data, cfg["validation"], cfg["eval"], run_dir, accelerator.device,
                           digits_classes)
-    return RunParts(accelerator, family, data, objective, model, optimizer, lr_scheduler, strategy, ema, order,
+    return RunParts(accelerator, family, data, objective, model, optimizer, lr_scheduler, strategy, ema, stream,
                     evaluator)

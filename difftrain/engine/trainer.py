@@ -1,8 +1,9 @@
 """The training loop and its checkpoints: one seeded, resumable run of parts built by engine/setup.py.
 
 Randomness is replayable by construction: the batch of step s comes from a permutation of
-(seed, epoch), and every draw of step s (noise, timesteps, flips, dropout) comes from generators
-seeded with (seed, rank, step). A checkpoint therefore only needs the weights, the optimizer,
+(seed, epoch) (data/order.py), every draw of a sample (crop, flip, caption dropout) from a generator of
+(seed, epoch, sample), and every draw of step s (noise, timesteps) from generators seeded with
+(seed, rank, step). A checkpoint therefore only needs the weights, the optimizer,
 the LR schedule, the EMA and the step; a resumed run repeats the uninterrupted one bit for bit.
 """
 
@@ -40,9 +41,9 @@ class Trainer:
     # ---- one optimizer step --------------------------------------------------------------------
     def micro_batch(self, micro: int):
         """(x0, cond, draws) of one micro-batch, every draw from a generator of (seed, rank, step, micro)."""
-        _, indices = self.parts.order.indices(self.step, micro, self.rank)
+        batch = self.parts.stream.batch(self.step, micro)
         generator = torch.Generator().manual_seed(seed_for(self.seed, self.rank, f"batch/{self.step}/{micro}"))
-        x0, cond = self.family.inputs(self.parts.data.batch(indices, generator), self.device, generator=generator)
+        x0, cond = self.family.inputs(batch, self.device, generator=generator)
         return x0, cond, self.objective.draw(x0, generator)
 
     def compute_loss(self, x0, cond, draw) -> torch.Tensor:
@@ -92,6 +93,7 @@ class Trainer:
                 if (t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0) or last:
                     self.save()
         finally:
+            self.parts.stream.close()
             progress.stop()
             metrics.close()
         return {"step": self.step}

@@ -11,10 +11,17 @@ from pathlib import Path
 import torch
 
 from difftrain.families.protocol import CacheOptions, SampleRequest
+from difftrain.families.t2i import pixel_multiple
 
 
 class ForwardsToLatentTextToImage:
     t2i: object  # families.t2i.LatentTextToImage, set by the family's __init__
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides are multiples of this: VAE factor x the denoiser's latent multiple (and of 8, which the
+        diffusers pipelines require)."""
+        return pixel_multiple(self.t2i.vae_scale_factor, self.t2i.spec.latent_multiple)
 
     def prepare(self, data, accelerator, lora, caches: CacheOptions, validation_prompts: list[str]) -> None:
         self.t2i.prepare(data, accelerator, lora, caches, validation_prompts)

@@ -127,6 +127,25 @@ def load_component(index: dict, name: str, source: Source, required: bool = True
     return loaded
 
 
+def component_config(source: Source, name: str) -> dict:
+    """`<name>/config.json` of a pipeline without loading weights (a local file, or one small hub download)."""
+    try:
+        if source.local:
+            return json.loads((Path(source.location) / name / "config.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(source.location, "config.json", subfolder=name, revision=source.revision)
+        return json.loads(Path(path).read_text())
+    except Exception as exc:  # noqa: BLE001 (OSError, JSON and hub errors)
+        raise UserError(f"could not read the '{name}' config of {source.describe()} ({_first_line(exc)}); "
+                        f"{source.hint()}") from None
+
+
+def downsampling(config: dict) -> int:
+    """2^(levels - 1) of a UNet or VAE config: how much smaller its deepest feature map is."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     message = text[0] if text else ""

@@ -24,11 +24,12 @@ import torch
 class CacheOptions:
     """What the engine asks a family to cache, resolved from `data.cache_*` by engine/setup.py."""
 
-    latents: bool = False              # VAE latent distributions of every image (both flips with random_flip)
+    latents: bool = False              # VAE latent distributions of every sample (both flips with random_flip)
     text: bool | None = None           # prompt embeddings; None = when the text encoders are frozen
     folder: Path | None = None         # where cache files live (data.cache_dir or RUN_DIR/cache)
     prune: bool = True                 # keep only the newest file of each kind (the run's own folder)
     batch_size: int = 16               # encoder batch size while filling a cache
+    num_workers: int = 0               # DataLoader workers decoding images for the latent cache
     key_fields: tuple[tuple[str, Any], ...] = ()  # data options that change cached content (crop, filter)
 
 
@@ -43,13 +44,14 @@ class SampleRequest:
     steps: int = 50
     seed: int = 0
     guidance_scale: float | None = None  # None = the pipeline's default
-    resolution: int | None = None        # None = the training resolution
+    size: tuple[int, int] | None = None  # (height, width); None = the training size
 
 
 @runtime_checkable
 class ModelFamily(Protocol):
     name: str                 # the `model` option (recorded in config.yaml, final/difftrain.json)
     module: torch.nn.Module   # the trainable module: handed to the optimizer and to accelerate
+    size_multiple: int        # image sides must be multiples of this (buckets are built from it)
 
     def training_schedule(self, configured):
         """The NoiseSchedule to train with: `configured` (built from the `scheduler` group) or the
@@ -99,6 +101,10 @@ class FamilyClass(Protocol):
     """The registry target of a `model` option."""
 
     def __call__(self, **options) -> ModelFamily: ...
+
+    def size_multiple_of(self, options) -> int:
+        """`ModelFamily.size_multiple` from the options and config files alone (no weights loaded):
+        `difftrain data-report` plans buckets with it."""
 
     def load_finished(self, run_dir: Path, cfg: dict, device: str, checkpoint_tensors) -> FinishedRun:
         """The run's outputs for inference: `final/` when it exists, else `checkpoint_tensors()` (the latest

@@ -14,8 +14,8 @@ import torch
 
 from difftrain.families import lora as lora_io
 from difftrain.families.latent_family import ForwardsToLatentTextToImage
-from difftrain.families.loading import load_component, read_model_index, resolve_source
-from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts
+from difftrain.families.loading import component_config, downsampling, load_component, read_model_index, resolve_source
+from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts, pixel_multiple
 from difftrain.families.t2i_finished import FinishedPipeline
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline",)
@@ -90,7 +90,7 @@ class SD15Family(ForwardsToLatentTextToImage):
                       for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
         unet = components["unet"]
         spec = T2ISpec(name="sd15", denoiser="unet", lora_text_encoders=("text_encoder",),
-                       lora_targets=UNET_LORA_TARGETS, latent_multiple=2 ** (len(unet.config.block_out_channels) - 1),
+                       lora_targets=UNET_LORA_TARGETS, latent_multiple=downsampling(unet.config),
                        tokenize=tokenize_sd15, encode=encode_sd15, call_denoiser=call_unet, pipeline=pipeline_sd15,
                        prompt_kwargs=prompt_kwargs_sd15, save_lora=save_lora_sd15,
                        export_scheduler=export_scheduler_sd15)
@@ -111,6 +111,12 @@ class SD15Family(ForwardsToLatentTextToImage):
         schedule = schedule_from_scheduler(scheduler, configured.prediction_type)
         schedule.precondition_outputs = False
         return schedule
+
+    @classmethod
+    def size_multiple_of(cls, options) -> int:
+        """Image sides are multiples of this (VAE factor x UNet downsampling), from the config files only."""
+        source = resolve_source(options.pretrained, options.revision, options.variant)
+        return pixel_multiple(downsampling(component_config(source, "vae")), downsampling(component_config(source, "unet")))
 
     @classmethod
     def load_finished(cls, run_dir: Path, cfg: dict, device: str, checkpoint_tensors) -> FinishedPipeline:

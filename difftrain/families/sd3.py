@@ -18,8 +18,8 @@ import torch
 
 from difftrain.families import lora as lora_io
 from difftrain.families.latent_family import ForwardsToLatentTextToImage
-from difftrain.families.loading import load_component, read_model_index, resolve_source
-from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts
+from difftrain.families.loading import component_config, downsampling, load_component, read_model_index, resolve_source
+from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts, pixel_multiple
 from difftrain.families.t2i_finished import FinishedPipeline
 
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
@@ -136,6 +136,13 @@ class SD3Family(ForwardsToLatentTextToImage):
         schedule = schedule_from_scheduler(scheduler)
         schedule.precondition_outputs = bool(configured.precondition_outputs)
         return schedule
+
+    @classmethod
+    def size_multiple_of(cls, options) -> int:
+        """Image sides are multiples of this (VAE factor x transformer patch size), from the config files only."""
+        source = resolve_source(options.pretrained, options.revision, options.variant)
+        return pixel_multiple(downsampling(component_config(source, "vae")),
+                              int(component_config(source, "transformer")["patch_size"]))
 
     @classmethod
     def load_finished(cls, run_dir: Path, cfg: dict, device: str, checkpoint_tensors) -> FinishedPipeline:

@@ -25,14 +25,19 @@ from pathlib import Path
 
 import torch
 
-from difftrain.data import cache as caches
 from difftrain.data.captions import require_captions
 from difftrain.errors import UserError
 from difftrain.families import lora as lora_io
 from difftrain.families.protocol import CacheOptions, SampleRequest
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TEXT_BATCH = 16  # prompts encoded at once while filling the text cache
+
+
+def pixel_multiple(vae_factor: int, latent_multiple: int) -> int:
+    """What image sides must be multiples of: the latent grid's, and 8 (the pipelines check height % 8)."""
+    import math
+
+    return math.lcm(vae_factor * latent_multiple, 8)
 
 
 def cast(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -110,35 +115,6 @@ def pipeline_parts(source, index: dict, components: dict, denoiser: str) -> Pipe
 
 
 @dataclass(frozen=True)
-class LatentCache:
-    """VAE latent distribution parameters (mean, logvar) of every image; rows [N, 2N) are the mirrored
-    images when the data flips (row = index + N * flipped)."""
-
-    parameters: torch.Tensor
-    path: Path
-
-    def rows(self, indices: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
-        if flips is not None:
-            indices = indices + self.parameters.shape[0] // 2 * flips.long()
-        return self.parameters[indices]
-
-
-@dataclass(frozen=True)
-class TextCache:
-    """Prompt embeddings of the empty prompt and of every distinct caption, one row each."""
-
-    embeddings: dict[str, torch.Tensor]
-    caption_rows: torch.Tensor     # dataset index -> row of its caption
-    empty_row: int                 # the row of "" (dropped captions)
-    path: Path
-
-    def rows(self, indices: torch.Tensor, dropped: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows = self.caption_rows[indices].clone()
-        rows[dropped] = self.empty_row
-        return {k: v[rows] for k, v in self.embeddings.items()}
-
-
-@dataclass(frozen=True)
 class PromptEmbeddings:
     """The validation prompts encoded once with the frozen encoders, and the empty (negative) prompt."""
 
@@ -159,9 +135,9 @@ class LatentTextToImage:
         self.lora = None
         self.accelerator = None
         self.weight_dtype = torch.float32
-        self.resolution: int | None = None
-        self.latent_cache: LatentCache | None = None
-        self.text_cache: TextCache | None = None
+        self.size: tuple[int, int] | None = None     # (h, w) of validation images: the data's most common bucket
+        self.latent_cache = None                       # data.cache.ShardReader once built
+        self.text_cache = None
         self.validation_prompts: list[str] = []
         self.validation_embeddings: PromptEmbeddings | None = None
 
@@ -187,9 +163,9 @@ class LatentTextToImage:
             raise UserError("trainer.mixed_precision=fp16 needs a CUDA GPU (fp16 training on CPU is not supported); "
                             "use trainer.mixed_precision=bf16 or no")
         self.weight_dtype = dtype = DTYPES.get(precision, torch.float32)
-        captions = require_captions(data)
-        self.resolution = int(data.images.shape[-1])
-        self._check_resolution(self.resolution)
+        captions = require_captions(data, data.names)
+        self.size = tuple(data.validation_size)
+        self._check_sizes(data.plan.buckets)
         self.lora = lora
         denoiser = self.module.denoiser
         cast(self.vae.requires_grad_(False), device, dtype)
@@ -218,43 +194,24 @@ class LatentTextToImage:
             self.frozen_encoders = {}
             gc.collect()
 
-    def _check_resolution(self, resolution: int) -> None:
-        multiple = self.vae_scale_factor * self.spec.latent_multiple
-        if resolution % multiple:
-            raise UserError(f"data.resolution ({resolution}) must be a multiple of {multiple} for this "
-                            f"{self.spec.name} model (VAE factor {self.vae_scale_factor} x "
-                            f"{self.spec.latent_multiple})")
+    def _check_sizes(self, sizes: list[tuple[int, int]]) -> None:
+        multiple = pixel_multiple(self.vae_scale_factor, self.spec.latent_multiple)
+        wrong = [f"{h}x{w}" for h, w in sizes if h % multiple or w % multiple]
+        if wrong:
+            raise UserError(f"image sizes {', '.join(wrong[:3])} are not multiples of {multiple} for this "
+                            f"{self.spec.name} model (VAE factor {self.vae_scale_factor} x {self.spec.latent_multiple}); "
+                            f"set data.resolution to a multiple of {multiple} (and bucket sides likewise)")
 
     def _build_caches(self, data, options: CacheOptions, captions: list[str]) -> None:
+        from difftrain.families.t2i_caches import build_latent_cache, build_text_cache
+
         source = {"pretrained": self.source.pretrained, "revision": self.source.revision,
                   "variant": self.source.variant, "family": self.spec.name, "dtype": str(self.weight_dtype)}
         if options.latents:
-            flips = bool(data.random_flip)
-            fields = {**source, "what": "vae latent distributions", "vae": caches.module_fingerprint(self.vae),
-                      "vae_config": dict(self.vae.config), "pixels": caches.tensor_digest(data.images),
-                      "flips": flips, "resolution": data.images.shape[-1], **dict(options.key_fields),
-                      "n": len(data)}
-            tensors, path = caches.cached_tensors(
-                options.folder, "latents", fields, lambda: caches.encode_latent_parameters(
-                    self.vae, data.images, flips, options.batch_size, self.accelerator.device, self.weight_dtype),
-                self.accelerator, options.prune)
-            self.latent_cache = LatentCache(tensors["parameters"], path)
+            self.latent_cache = build_latent_cache(self, data, options, source)
         cache_text = options.text if options.text is not None else not self.trains_text
         if cache_text:
-            unique = list(dict.fromkeys(["", *captions]))
-            fields = {**source, "what": "prompt embeddings", "captions": caches.digest(captions),
-                      "encoders": {k: caches.module_fingerprint(v) for k, v in self.frozen_encoders.items()},
-                      "tokenizers": {k: caches.tokenizer_fingerprint(v) for k, v in self.tokenizers.items()},
-                      "options": self.spec.text_options}
-
-            def compute():
-                rows = [self.encode_prompts(unique[i : i + TEXT_BATCH]) for i in range(0, len(unique), TEXT_BATCH)]
-                return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-
-            tensors, path = caches.cached_tensors(options.folder, "text", fields, compute, self.accelerator,
-                                                  options.prune)
-            lookup = {c: i for i, c in enumerate(unique)}
-            self.text_cache = TextCache(tensors, torch.tensor([lookup[c] for c in captions]), lookup[""], path)
+            self.text_cache = build_text_cache(self, data, options, source, captions)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -275,9 +232,10 @@ class LatentTextToImage:
         return {k: v.cpu() for k, v in cond.items()}
 
     def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
-        indices = batch["indices"]
-        if self.latent_cache is not None:
-            params = self.latent_cache.rows(indices, batch.get("flips")).to(device)
+        """Latents from the cache rows the data served (or the VAE on the pixels); prompt embeddings from the
+        cache rows (or the frozen encoders), or token ids when LoRA trains the encoders."""
+        if "latents" in batch:
+            params = batch["latents"].to(device)
         else:
             with torch.no_grad():
                 pixels = batch["pixels"].to(device=device, dtype=self.weight_dtype)
@@ -287,8 +245,8 @@ class LatentTextToImage:
         if self.trains_text:
             ids = self.spec.tokenize(self.tokenizers, self.encoders(), captions)
             cond = {"input_ids": {k: v.to(device) for k, v in ids.items()}}
-        elif self.text_cache is not None:
-            cond = {k: v.to(device) for k, v in self.text_cache.rows(indices, batch["dropped"]).items()}
+        elif "text" in batch:
+            cond = {k: v.to(device) for k, v in batch["text"].items()}
         else:
             cond = {k: v.to(device) for k, v in self.encode_prompts(captions).items()}
         return x0, cond
@@ -308,10 +266,10 @@ class LatentTextToImage:
 
     # ---- generation, checkpoints, export --------------------------------------------------------
     def validation_request(self, validation: dict, data) -> SampleRequest:
-        """The validation prompts (prepare() chose them), `num_images` of each, at the data resolution."""
+        """The validation prompts (prepare() chose them), `num_images` of each, at the data's most common size."""
         return SampleRequest(prompts=tuple(self.validation_prompts), per_condition=validation["num_images"],
                              steps=validation["steps"], seed=validation["seed"],
-                             guidance_scale=validation.get("guidance_scale"), resolution=int(data.images.shape[-1]))
+                             guidance_scale=validation.get("guidance_scale"), size=tuple(data.validation_size))
 
     def generate(self, model, schedule, request: SampleRequest, device) -> tuple[torch.Tensor, int]:
         """The family's pipeline around the live modules, fed prompt embeddings (the validation prompts'
@@ -330,11 +288,11 @@ class LatentTextToImage:
         pipe = self.spec.pipeline(self.vae, self.tokenizers, self.encoders(model), model.denoiser, scheduler)
         pipe.set_progress_bar_config(disable=True)
         extra = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
-        resolution = request.resolution or self.resolution
+        height, width = request.size or self.size
         autocast = self.accelerator.autocast() if self.accelerator is not None else nullcontext()
         with autocast, torch.no_grad():
             images = pipe(**self.spec.prompt_kwargs(cond, negative), num_inference_steps=request.steps,
-                          height=resolution, width=resolution,
+                          height=height, width=width,
                           generator=torch.Generator("cpu").manual_seed(request.seed), output_type="pt",
                           **extra).images
         return images.float().cpu() * 2.0 - 1.0, count
@@ -378,7 +336,7 @@ class LatentTextToImage:
             if ema is not None:
                 self.spec.save_lora(final_dir / "raw", model)
             scheduler.save_pretrained(str(final_dir / "scheduler"))
-        cache_files = {kind: str(cache.path) for kind, cache in (("latents", self.latent_cache),
+        cache_files = {kind: str(cache.folder) for kind, cache in (("latents", self.latent_cache),
                                                                  ("text", self.text_cache)) if cache is not None}
         (final_dir / "difftrain.json").write_text(json.dumps({
             "family": self.spec.name, "pretrained": self.source.pretrained, "revision": self.source.revision,

@@ -41,10 +41,10 @@ class FinishedPipeline:
     def generate(self, request: SampleRequest) -> tuple[torch.Tensor, int]:
         count = request.per_condition
         extra = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
-        resolution = request.resolution or self.resolution
+        height, width = request.size or (self.resolution, self.resolution)
         with torch.no_grad():
             images = self.pipeline()(prompt=list(request.prompts or ()), num_images_per_prompt=count,
-                                     num_inference_steps=request.steps, height=resolution, width=resolution,
+                                     num_inference_steps=request.steps, height=height, width=width,
                                      output_type="pt", generator=torch.Generator("cpu").manual_seed(request.seed),
                                      **extra, **self.pipeline_options).images
         return images.float().cpu() * 2 - 1, count

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from difftrain.errors import UserError
+from difftrain.families.loading import downsampling
 from difftrain.families.protocol import CacheOptions, SampleRequest
 
 UNCONDITIONAL_ROW = 8  # grid row length of unconditional samples
@@ -54,7 +55,8 @@ class UNet2DFamily:
         self.class_conditional = model_config.num_class_embeds is not None
         self.channels = int(model_config.in_channels)
         size = model_config.sample_size
-        self.resolution = int(size if isinstance(size, int) else size[0])  # the data's, once prepared
+        self.size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.size_multiple = downsampling(model_config)  # self.size becomes the data's validation size in prepare
 
     # ---- training ---------------------------------------------------------------------------------
     def training_schedule(self, configured):
@@ -63,7 +65,7 @@ class UNet2DFamily:
     def prepare(self, data, accelerator, lora, caches: CacheOptions, validation_prompts: list[str]) -> None:
         """Nothing to cast or cache (lora, caches and prompts are text-to-image options, rejected by the
         config rules for this family); samples take the data's image shape."""
-        self.channels, self.resolution = int(data.images.shape[1]), int(data.images.shape[-1])
+        self.channels, self.size = int(data.channels), tuple(data.validation_size)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -71,6 +73,19 @@ class UNet2DFamily:
     def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         labels = batch.get("labels") if self.class_conditional else None
         return batch["pixels"].to(device), {"class_labels": None if labels is None else labels.to(device)}
+
+    @classmethod
+    def size_multiple_of(cls, options) -> int:
+        """2^(levels - 1): the UNet halves the image at every level but the last."""
+        if options.pretrained:
+            local = Path(options.pretrained).expanduser()
+            config = local / "unet" / "config.json" if (local / "unet").is_dir() else local / "config.json"
+            if config.is_file():
+                import json
+
+                return downsampling(json.loads(config.read_text()))
+            return downsampling(dict(load_unet2d(options.pretrained).config))
+        return downsampling({"block_out_channels": options.block_out_channels})
 
     def predict(self, model, x_t: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return model(x_t, timesteps, return_dict=False, **cond)[0]
@@ -101,9 +116,9 @@ class UNet2DFamily:
         count = len(labels) if labels is not None else request.per_condition
         class_labels = labels.to(device) if labels is not None and self.class_conditional else None
         cond = {"class_labels": class_labels}
-        resolution = request.resolution or self.resolution
+        height, width = request.size or self.size
         images = sample(lambda x, t: self.predict(model, x, t, cond), schedule,
-                        (count, self.channels, resolution, resolution), request.steps, request.seed, device)
+                        (count, self.channels, height, width), request.steps, request.seed, device)
         return images, request.per_condition if labels is not None else UNCONDITIONAL_ROW
 
     def export(self, final_dir: Path, model, ema, schedule) -> None:
@@ -128,7 +143,7 @@ class UNet2DFamily:
         else:
             family = cls(UNet2DConfig(**{**cfg["model"], "pretrained": None}))
             family.load_checkpoint_tensors(family.module, checkpoint_tensors())
-        family.resolution = int(cfg["data"]["resolution"])
+        family.size = (int(cfg["data"]["resolution"]),) * 2
         family.module.to(device).eval()
         return FinishedUNet2D(family, registry.build("scheduler", cfg["scheduler"]), device)
 
@@ -141,7 +156,7 @@ class FinishedUNet2D:
         self.family = unet2d.name
         self.conditioning = "labels" if unet2d.class_conditional else None
         self.num_classes = unet2d.module.config.num_class_embeds
-        self.resolution = unet2d.resolution
+        self.resolution = unet2d.size[0]
 
     def generate(self, request: SampleRequest) -> tuple[torch.Tensor, int]:
         return self.unet2d.generate(self.unet2d.module, self.schedule, request, self.device)

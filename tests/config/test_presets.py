@@ -61,5 +61,5 @@ def test_validated_config_keeps_lists_and_the_engine_dict_shape(tmp_path):
     cfg = tiny_config(tmp_path, "scheduler=ddpm_v")
     assert cfg["optimizer"]["betas"] == [0.9, 0.999] and isinstance(cfg["optimizer"]["betas"], list)
     assert cfg["model"]["block_out_channels"] == [8, 16]
-    assert "num_workers" not in cfg["trainer"]
+    assert cfg["trainer"]["num_workers"] == 0  # read by the DataLoader (data/loader.py)
     assert cfg["lr_scheduler"] == {"name": "cosine", "warmup_steps": 1, "num_cycles": 0.5}

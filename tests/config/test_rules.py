@@ -62,6 +62,13 @@ CASES = [
      ["data.num_classes (10) exceeds model.num_class_embeds (5)"]),
     ("validation_labels_in_model_classes", ["validation.labels=[0,10]"],
      ["validation.labels [0, 10] must lie in [0, 10)"]),
+    ("buckets_are_none_auto_or_sizes", ["data=imagefolder", "data.path=<images>", "data.buckets=square"],
+     ["data.buckets must be none, auto or a list of [height, width], not 'square'"]),
+    ("buckets_are_none_auto_or_sizes", ["data=imagefolder", "data.path=<images>", "data.buckets=[[64,64,3]]"],
+     ["data.buckets [[64, 64, 3]] must be a non-empty list of [height, width] pairs of positive integers, e.g. "
+      "data.buckets=[[512,512],[448,576],[576,448]]"]),
+    ("validation_split_is_a_fraction_or_count", ["data.validation_split=2.5"],
+     ["data.validation_split=2.5: give a fraction below 1 (e.g. 0.05) or a whole count (e.g. 100)"]),
     ("pretrained_pipeline_is_given", [*T2I, "model.pretrained=???"],
      ["model.pretrained is required for model=sd15: add model.pretrained=<hub id or local pipeline folder>, e.g. "
       "model.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5"]),

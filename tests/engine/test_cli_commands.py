@@ -180,8 +180,9 @@ def test_imagefolder_with_class_subfolders_trains(tmp_path):
 
     ds = build_imagefolder(ImageFolderDataConfig(path=str(data), resolution=8), resolve_interpolation_mode("lanczos"),
                            seed=0)
-    assert ds.images.shape == (12, 3, 8, 8) and ds.labels.tolist() == [0] * 6 + [1] * 6
-    assert ds.images.min() >= -1 and ds.images.max() <= 1
+    batch = ds.validation_batch(12)
+    assert batch["pixels"].shape == (12, 3, 8, 8) and batch["labels"].tolist() == [0] * 6 + [1] * 6
+    assert batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
     summary = run_training(cfg)
     assert summary["steps"] == 2
 
@@ -196,5 +197,5 @@ def test_imagefolder_errors_are_clear(tmp_path):
         build_imagefolder(ImageFolderDataConfig(path=str(tmp_path / "empty")), None, seed=0)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
-    with pytest.raises(UserError, match="could not read image"):
+    with pytest.raises(UserError, match=r"1 of 1 images cannot be trained on: x.png \(unreadable"):
         build_imagefolder(ImageFolderDataConfig(path=str(tmp_path / "bad")), None, seed=0)

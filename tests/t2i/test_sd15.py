@@ -53,10 +53,11 @@ def test_full_finetune_epsilon_with_caches_is_a_diffusers_pipeline(tmp_path, sd1
     # caches: latents of both flips (16 rows for 8 images), one prompt row per distinct caption + the empty one
     from safetensors.torch import load_file
 
-    latents = load_file(str(next((run / "cache").glob("latents-*.safetensors"))))["parameters"]
-    assert latents.shape == (16, 8, 16, 16)
-    text = load_file(str(next((run / "cache").glob("text-*.safetensors"))))["encoder_hidden_states"]
-    assert text.shape == (5, 77, 8)
+    latents = load_file(str(next((run / "cache").glob("latents-*/shard-00000.safetensors"))))
+    assert sorted(latents) == sorted(f"{i}.{k}" for i in range(8) for k in ("crop", "mean_logvar", "mean_logvar_flip"))
+    assert latents["3.mean_logvar"].shape == (8, 16, 16) and latents["3.crop"].tolist() == [0, 3]  # 40x48 -> 32x38, center: (38 - 32) // 2
+    text = load_file(str(next((run / "cache").glob("text-*/shard-00000.safetensors"))))
+    assert len(text) == 5 and text["4.encoder_hidden_states"].shape == (77, 8)
     info = json.loads((final / "difftrain.json").read_text())
     assert info["family"] == "sd15" and info["lora"] is False and set(info["caches"]) == {"latents", "text"}
     assert (run / "samples" / "step_000004.png").is_file()
@@ -73,7 +74,7 @@ def test_v_prediction_min_snr_dream_without_caches(tmp_path, sd15, images):
     run = tmp_path / "run"
     run_training(t2i_config(run, "sd15", sd15, images, "scheduler=ddpm_v", "loss_weighting=min_snr", "dream=on",
                             "data.cache_text_embeddings=false", "ema=none", "trainer.max_steps=2"))
-    assert not (run / "cache").exists()
+    assert not list((run / "cache").glob("latents-*")) and not list((run / "cache").glob("text-*"))
     pipe = DiffusionPipeline.from_pretrained(str(run / "final"))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     _generate(pipe)

@@ -70,9 +70,10 @@ def test_full_finetune_preconditioned_uses_the_pipeline_scheduler(tmp_path, sd3,
     assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), raw.parameters()))
     from safetensors.torch import load_file
 
-    text = load_file(str(next((run / "cache").glob("text-*.safetensors"))))
-    assert text["encoder_hidden_states"].shape == (5, 77 + 77, 32)  # 77 CLIP + 77 T5 tokens, T5 width
-    assert text["pooled_projections"].shape == (5, 64)
+    text = load_file(str(next((run / "cache").glob("text-*/shard-00000.safetensors"))))
+    assert len(text) == 2 * 5  # 4 distinct captions and the empty prompt, two tensors each
+    assert text["4.encoder_hidden_states"].shape == (77 + 77, 32)  # 77 CLIP + 77 T5 tokens, T5 width
+    assert text["4.pooled_projections"].shape == (64,)
 
 
 def test_full_resume_is_bitwise_exact(tmp_path, sd3, images):

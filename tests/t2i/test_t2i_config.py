@@ -124,7 +124,7 @@ def test_captionless_images_name_the_files(tmp_path, sd15):
 
     data = write_images(tmp_path / "photos", n=4, captions="txt")
     (data / "img2.txt").unlink()
-    with pytest.raises(UserError, match=r"1 of 4 images have no caption \(e.g. 2\)"):
+    with pytest.raises(UserError, match=r"1 of 4 images have no caption \(e.g. img2.png\)"):
         run_training(t2i_config(tmp_path / "run", "sd15", sd15, data))
 
 

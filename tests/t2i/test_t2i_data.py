@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -21,14 +23,14 @@ def sd15(tmp_path_factory):
 
 
 def test_caption_sources_and_precedence(tmp_path):
-    from difftrain.data.sources import _list_images
+    from difftrain.data.index import list_images
 
     root = tmp_path / "photos"
     write_images(root / "dogs", n=2, captions="metadata")  # dogs/metadata.jsonl: img0, img1
     write_images(root / "cats", n=2, captions="txt")
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "cats/img0.png", "text": "top level"}) + "\n"
                                          + json.dumps({"file_name": "dogs/img0.png", "text": "shadowed"}) + "\n")
-    files = [f for f, _ in _list_images(root)]
+    files = [f for f, _ in list_images(root)]
     captions = dict(zip((f.relative_to(root).as_posix() for f in files), read_captions(root, files)))
     assert captions == {"cats/img0.png": "top level", "cats/img1.png": "a red cat",
                         "dogs/img0.png": "a photo of a dog", "dogs/img1.png": "a red cat"}
@@ -47,24 +49,37 @@ def test_bad_metadata_is_a_user_error(tmp_path):
         read_captions(root, [root / "img0.png"])
 
 
-def test_caption_dropout_is_drawn_from_the_step_generator(tmp_path):
+def _imagefolder(path, **options):
     from difftrain.components.interpolation import resolve_interpolation_mode
     from difftrain.config.schema import ImageFolderDataConfig
     from difftrain.data.sources import build_imagefolder
 
-    options = ImageFolderDataConfig(path=str(write_images(tmp_path / "p", n=8)), resolution=8, caption_dropout=0.5,
-                                    random_flip=True)
-    data = build_imagefolder(options, resolve_interpolation_mode("bilinear"), seed=0)
-    idx = torch.arange(8)
-    a = data.batch(idx, torch.Generator().manual_seed(3))
-    b = data.batch(idx, torch.Generator().manual_seed(3))
-    assert a["captions"] == b["captions"] and torch.equal(a["flips"], b["flips"])
+    return build_imagefolder(ImageFolderDataConfig(path=str(path), **options), resolve_interpolation_mode("bilinear"),
+                             seed=0, size_multiple=8)
+
+
+def test_caption_dropout_and_flips_are_drawn_per_sample_and_epoch(tmp_path):
+    from difftrain.data.samples import MicroBatchKey
+
+    data = _imagefolder(write_images(tmp_path / "p", n=8), resolution=8, caption_dropout=0.5, random_flip=True)
+    key = MicroBatchKey(0, 0, 0, tuple(range(8)))
+    a, b = data.samples.__getitems__(key), data.samples.__getitems__(key)
+    assert a["captions"] == b["captions"] and torch.equal(a["flips"], b["flips"]) and torch.equal(a["pixels"], b["pixels"])
     assert a["dropped"].any() and not a["dropped"].all()
     assert all((c == "") == bool(d) for c, d in zip(a["captions"], a["dropped"]))
-    assert not data.batch(idx)["dropped"].any()  # no generator (validation): no dropout
-    data.caption_dropout = 1.0
-    assert set(data.batch(idx, torch.Generator().manual_seed(0))["captions"]) == {""}
+    # a sample's draws depend on (seed, epoch, sample), not on the batch it is in
+    alone = data.samples.__getitems__(MicroBatchKey(5, 1, 0, (3,)))
+    assert alone["captions"] == a["captions"][3:4] and torch.equal(alone["pixels"][0], a["pixels"][3])
+    epochs = [data.samples.__getitems__(MicroBatchKey(0, 0, e, tuple(range(8)))) for e in range(4)]
+    assert len({tuple(x["flips"].tolist()) for x in epochs}) > 1  # new flips each epoch
+    assert not data.validation_batch(8)["dropped"].any()  # the fixed validation samples: no dropout
+    data.samples.augment = dataclasses.replace(data.samples.augment, caption_dropout=1.0)
+    assert set(data.samples.__getitems__(key)["captions"]) == {""}
     assert require_captions(data) == data.captions
+
+
+def _cache_folders(folder):
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
 def test_cache_is_reused_and_invalidated_by_what_changes_it(tmp_path, sd15, monkeypatch):
@@ -72,24 +87,26 @@ def test_cache_is_reused_and_invalidated_by_what_changes_it(tmp_path, sd15, monk
 
     data = write_images(tmp_path / "photos", n=8)
     shared = tmp_path / "shared_cache"
-    calls = []
-    real = caches.encode_latent_parameters
-    monkeypatch.setattr(caches, "encode_latent_parameters", lambda *a, **k: calls.append(1) or real(*a, **k))
+    writes = []
+    real = caches.ShardedCache._write
+    monkeypatch.setattr(caches.ShardedCache, "_write", lambda self, *a: writes.append(self.kind) or real(self, *a))
 
     def run(name, *extra):
         run_training(t2i_config(tmp_path / name, "sd15", sd15, data, "trainer.max_steps=1", "ema=none",
                                 "data.cache_latents=true", f"data.cache_dir={shared}", *extra))
-        return sorted(p.name for p in shared.glob("*.safetensors"))
+        return _cache_folders(shared)
 
     first = run("a")
-    assert len(calls) == 1 and len(first) == 2  # latents + text
-    assert run("b") == first and len(calls) == 1  # same content: reused, not recomputed
+    assert writes == ["latents", "text"] and len(first) == 2
+    assert run("b") == first and len(writes) == 2  # same content: reused, not recomputed
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    assert len(run("c", "data.resolution=16")) == 3 and len(calls) == 2  # new latents, same text
-    assert len(run("d", "data.random_flip=true")) == 4 and len(calls) == 3  # both flips: new latents
-    assert len(run("e", "data.instance_prompt=a photo of sks dog")) == 5 and len(calls) == 3  # new text only
-    metadata = caches._load(next(shared.glob("latents-*")), "wrong key")
-    assert metadata is None  # a file is only read back under its own key
+    assert len(run("c", "data.resolution=16")) == 3 and writes[2:] == ["latents"]  # new latents, same text
+    assert len(run("d", "data.random_flip=true")) == 4 and writes[3:] == ["latents"]  # both flips: new latents
+    assert len(run("e", "data.buckets=auto")) == 5 and writes[4:] == ["latents"]  # 40x48 images: a 56x64-ish bucket
+    assert len(run("f", "data.instance_prompt=a photo of sks dog")) == 6 and writes[5:] == ["text"]  # new text only
+    (data / "img0.png").touch()  # an image file changed (mtime): new latents
+    os.utime(data / "img0.png", ns=(1, 1))
+    assert len(run("g")) == 7 and writes[6:] == ["latents"]
 
 
 def test_run_cache_folder_keeps_only_the_current_files(tmp_path, sd15):
@@ -98,13 +115,12 @@ def test_run_cache_folder_keeps_only_the_current_files(tmp_path, sd15):
     data = write_images(tmp_path / "photos", n=8)
     run = tmp_path / "run"
     run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=2", "ema=none", "data.cache_latents=true"))
-    files = sorted(p.name for p in (run / "cache").iterdir())
-    assert [f.split("-")[0] for f in files] == ["latents", "text"]
+    assert [f.split("-")[0] for f in sorted(p.name for p in (run / "cache").iterdir())] == ["index", "latents", "text"]
     # resuming reads the same files (nothing recomputed, nothing else written)
-    before = {p.name: p.stat().st_mtime_ns for p in (run / "cache").iterdir()}
+    before = {str(p): p.stat().st_mtime_ns for p in (run / "cache").rglob("*")}
     run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=3", "ema=none", "data.cache_latents=true",
                             "resume=latest"))
-    assert {p.name: p.stat().st_mtime_ns for p in (run / "cache").iterdir()} == before
+    assert {str(p): p.stat().st_mtime_ns for p in (run / "cache").rglob("*")} == before
 
 
 def test_hf_dataset_from_save_to_disk(tmp_path, sd15):
@@ -125,17 +141,33 @@ def test_hf_dataset_from_save_to_disk(tmp_path, sd15):
         run_training(t2i_config(tmp_path / "bad", "sd15", sd15, None, *hf, "data.image_column=photo"))
 
 
-def test_cache_objects_give_the_rows_of_a_batch():
-    from pathlib import Path
+def test_cached_rows_are_served_per_sample(tmp_path):
+    """The data serves each sample's cached latent (its flip's) and its caption's text row (the empty prompt's
+    when dropped), read lazily from the shards."""
+    from types import SimpleNamespace
 
-    from difftrain.families.t2i import LatentCache, TextCache
+    from difftrain.data.samples import MicroBatchKey
 
-    latents = LatentCache(torch.arange(8.0).view(8, 1), Path("latents.safetensors"))  # 4 images, both flips
-    assert latents.rows(torch.tensor([0, 3]), None).flatten().tolist() == [0.0, 3.0]
-    assert latents.rows(torch.tensor([0, 3]), torch.tensor([True, False])).flatten().tolist() == [4.0, 3.0]
-    text = TextCache({"e": torch.tensor([[0.0], [1.0], [2.0]])}, torch.tensor([1, 2, 1]), 0, Path("text.safetensors"))
-    rows = text.rows(torch.tensor([2, 1, 0]), torch.tensor([False, True, False]))
-    assert rows["e"].flatten().tolist() == [1.0, 0.0, 1.0]  # a dropped caption gets the empty prompt's row
+    data = _imagefolder(write_images(tmp_path / "p", n=4), resolution=8, random_flip=True, caption_dropout=0.5)
+    cache = caches.ShardedCache(tmp_path / "c", "latents", {"x": 1}, 4, shard_size=3)
+    accelerator = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
+                                  wait_for_everyone=lambda: None)
+    reader = cache.build(lambda items: {f"{i}.{k}": torch.full((2, 1, 1), float(i) + (k == "mean_logvar_flip") / 2)
+                                        for i in items for k in ("mean_logvar", "mean_logvar_flip")}
+                         | {f"{i}.crop": torch.tensor([0, 0]) for i in items}, accelerator, prune=False)
+    assert sorted(p.name for p in cache.folder.iterdir()) == ["manifest.json", "shard-00000.safetensors",
+                                                              "shard-00001.safetensors"]
+    text = caches.ShardedCache(tmp_path / "c", "text", {"x": 1}, 3)
+    text_reader = text.build(lambda items: {f"{i}.e": torch.tensor([float(i)]) for i in items}, accelerator, False)
+    served = data.samples.served
+    served.latents, served.text, served.text_names = reader, text_reader, ("e",)
+    served.caption_rows, served.empty_row = [1, 2, 1, 2], 0
+    batch = data.samples.__getitems__(MicroBatchKey(0, 0, 0, (0, 1, 2, 3)))
+    assert "pixels" not in batch
+    expected = [i + (0.5 if f else 0.0) for i, f in enumerate(batch["flips"].tolist())]
+    assert batch["latents"][:, 0, 0, 0].tolist() == expected
+    assert batch["text"]["e"].flatten().tolist() == [0.0 if d else float(r)
+                                                     for r, d in zip([1, 2, 1, 2], batch["dropped"].tolist())]
 
 
 def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
@@ -144,27 +176,25 @@ def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
     from accelerate import Accelerator
 
     from difftrain import registry
-    from difftrain.components.interpolation import resolve_interpolation_mode
-    from difftrain.config.schema import ImageFolderDataConfig
     from difftrain.config.schema_t2i import SD15ModelConfig
-    from difftrain.data.sources import build_imagefolder
+    from difftrain.data.samples import MicroBatchKey
     from difftrain.families.protocol import CacheOptions, ModelFamily
     from difftrain.families.sd15 import SD15Family
-    from difftrain.families.t2i import LatentCache, TextCache
 
     assert registry.get("model", "sd15").load() is SD15Family
     family = SD15Family(SD15ModelConfig(pretrained=str(sd15), resolution=32))
     assert isinstance(family, ModelFamily)
-    options = ImageFolderDataConfig(path=str(write_images(tmp_path / "p", n=4)), resolution=32, random_flip=True)
-    data = build_imagefolder(options, resolve_interpolation_mode("bilinear"), seed=0)
+    assert family.size_multiple == 8 and SD15Family.size_multiple_of(SD15ModelConfig(pretrained=str(sd15))) == 8
+    data = _imagefolder(write_images(tmp_path / "p", n=4), resolution=32, random_flip=True)
     schedule = family.training_schedule(registry.build("scheduler", {"name": "ddpm_v", "prediction_type": "v_prediction"}))
     assert schedule.prediction_type == "v_prediction" and not schedule.precondition_outputs
     caches_on = CacheOptions(latents=True, folder=tmp_path / "cache", batch_size=2, key_fields=(("center_crop", True),))
     family.prepare(data, Accelerator(cpu=True), None, caches_on, [])
     t2i = family.t2i
-    assert isinstance(t2i.latent_cache, LatentCache) and t2i.latent_cache.parameters.shape[0] == 8  # both flips
-    assert isinstance(t2i.text_cache, TextCache) and not t2i.frozen_encoders  # all embedded: encoders released
-    x0, cond = family.inputs(data.batch(torch.arange(2), torch.Generator().manual_seed(0)), "cpu")
+    assert t2i.latent_cache.names(3) == ["crop", "mean_logvar", "mean_logvar_flip"]  # both flips
+    assert t2i.text_cache.names(0) == ["encoder_hidden_states"] and not t2i.frozen_encoders  # encoders released
+    x0, cond = family.inputs(data.samples.__getitems__(MicroBatchKey(0, 0, 0, (0, 1))), "cpu",
+                             torch.Generator().manual_seed(0))
     assert x0.shape == (2, 4, 16, 16) and cond["encoder_hidden_states"].shape == (2, 77, 8)
     request = family.validation_request({"num_images": 2, "steps": 2, "seed": 0, "guidance_scale": None}, data)
     assert request.prompts == ("a photo of a dog", "a red cat", "a blue dog", "a photo of a cat")  # first captions
@@ -172,19 +202,13 @@ def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
     assert images.shape == (8, 3, 32, 32) and nrow == 2 and images.min() >= -1 and images.max() <= 1
 
 
-def test_batches_without_a_generator_are_not_augmented():
-    """The validation loss reads fixed samples: no flips (they used to come from the global RNG)."""
-    import torch
+def test_validation_samples_are_not_augmented(tmp_path):
+    """The validation loss reads fixed samples: center crop, no flips, no dropout, whatever the options."""
+    from difftrain.data.samples import MicroBatchKey
 
-    from difftrain.data.sources import ImageDataset
-
-    images = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
-    data = ImageDataset(images, None, None, random_flip=True)
-    for seed in range(3):
-        torch.manual_seed(seed)
-        batch = data.batch(torch.arange(2))
-        assert batch["flips"] is None and torch.equal(batch["pixels"], images)
-    flipped = data.batch(torch.arange(2), torch.Generator().manual_seed(0))
-    assert flipped["flips"] is not None
-    expected = torch.where(flipped["flips"].view(-1, 1, 1, 1), images.flip(-1), images)
-    assert torch.equal(flipped["pixels"], expected)
+    data = _imagefolder(write_images(tmp_path / "p", n=4), resolution=8, random_flip=True, center_crop=False,
+                        caption_dropout=0.9)
+    fixed = data.validation_batch(4)
+    plain = _imagefolder(tmp_path / "p", resolution=8).samples.__getitems__(MicroBatchKey(0, 0, 0, (0, 1, 2, 3)))
+    assert torch.equal(fixed["pixels"], plain["pixels"]) and fixed["flips"] is None
+    assert not fixed["dropped"].any() and fixed["crop_offsets"].tolist() == plain["crop_offsets"].tolist()

@@ -1,0 +1,257 @@
+"""The samples of a run as a torch Dataset: decoded (or read from a cache) in DataLoader workers.
+
+A micro-batch is asked for by one `MicroBatchKey` (data/loader.py's batch sampler yields them) and built by
+`__getitems__`. Every random draw of a sample (crop offset, flip, caption dropout) comes from a generator
+seeded with (seed, epoch, sample position), so the batch is the same whichever worker builds it, and every
+epoch draws a new crop and flip. A file that cannot be decoded mid-run is replaced by the next sample of
+its bucket (the same replacement in a resumed run) and reported once per worker.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from difftrain.components.seeding import seed_for
+from difftrain.data.buckets import center_offset, cover
+
+
+@dataclass(frozen=True)
+class MicroBatchKey:
+    step: int
+    micro: int
+    epoch: int
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-sample options of the transform (the data config's, resolved)."""
+
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = 0.0
+    channels: int = 3
+    interpolation: object = None     # a torchvision InterpolationMode (the `interpolation` component)
+
+
+@dataclass
+class Served:
+    """What the caches serve instead of decoding and encoding (data/cache.py readers), set by the family."""
+
+    latents: object | None = None    # ShardReader: "<pos>.mean_logvar" (+ ".flip"), "<pos>.crop"
+    text: object | None = None       # ShardReader of embedding rows "<row>.<name>"
+    text_names: tuple[str, ...] = ()
+    caption_rows: list[int] = field(default_factory=list)
+    empty_row: int = 0
+
+
+def draws(seed: int, epoch: int, position: int, augment: Augment, crop_room: tuple[int, int]):
+    """(top, left, flip, dropped) of one sample in one epoch; a fixed draw order."""
+    top = left = 0
+    if augment.center_crop and not augment.random_flip and not augment.caption_dropout:
+        return top, left, False, False  # nothing random: no generator to seed
+    g = torch.Generator().manual_seed(seed_for(seed, 0, f"sample/{epoch}/{position}"))
+    if not augment.center_crop:
+        top = int(torch.randint(0, crop_room[0] + 1, (1,), generator=g))
+        left = int(torch.randint(0, crop_room[1] + 1, (1,), generator=g))
+    flip = bool(torch.rand((), generator=g) < 0.5) if augment.random_flip else False
+    dropped = bool(torch.rand((), generator=g) < augment.caption_dropout) if augment.caption_dropout else False
+    return top, left, flip, dropped
+
+
+class ImageSamples(torch.utils.data.Dataset):
+    """Images read by `reader(key)` (a PIL image) at their bucket's size; captions, labels, cached rows."""
+
+    def __init__(self, reader, index, plan, augment: Augment, seed: int, members: list[list[int]]) -> None:
+        self.reader, self.keys, self.sizes = reader, index.keys, index.sizes
+        self.captions, self.labels, self.names = index.captions, index.labels, index.names
+        self.buckets, self.bucket_of = plan.buckets, plan.bucket_of
+        self.augment, self.seed = augment, seed
+        self.members = members           # training positions of each bucket (the replacement order)
+        self.served = Served()
+        self._reported: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    # ---- one image ----------------------------------------------------------------------------------
+    def crop_box(self, position: int, size: tuple[int, int], top_left: tuple[int, int] | None):
+        """(resized size, (top, left)) of a sample in bucket `size`; center crop when top_left is None."""
+        resized, _ = cover(self.sizes[position], size)
+        return resized, top_left if top_left is not None else center_offset(resized, size)
+
+    def pixels(self, position: int, size: tuple[int, int], top_left: tuple[int, int] | None = None,
+               flip: bool = False) -> torch.Tensor:
+        """(C, h, w) in [-1, 1]: decode, EXIF-rotate, resize to cover `size`, crop at top_left, flip."""
+        from PIL import ImageOps
+        from torchvision.transforms import functional as TF
+
+        resized, (top, left) = self.crop_box(position, size, top_left)
+        with self.reader(self.keys[position]) as im:
+            im = ImageOps.exif_transpose(im).convert("L" if self.augment.channels == 1 else "RGB")
+            im = TF.resize(im, list(resized), interpolation=self.augment.interpolation, antialias=True)
+            im = TF.crop(im, top, left, size[0], size[1])
+            x = TF.pil_to_tensor(im).float() / 127.5 - 1.0
+        return x.flip(-1) if flip else x
+
+    def stand_in(self, position: int, epoch: int, size: tuple[int, int]):
+        """The next sample of the bucket that decodes, for a file that cannot be decoded any more (the same
+        choice in a resumed run, since it depends on the files only); warned once per worker."""
+        group = self.members[self.bucket_of[position]] if self.members else []
+        start = group.index(position) + 1 if position in group else 0
+        for offset in range(len(group)):
+            other = group[(start + offset) % len(group)]
+            if other == position:
+                continue
+            try:
+                loaded = self.sample(other, epoch, size)
+            except Exception:  # noqa: BLE001 (unreadable too: keep looking)
+                continue
+            if position not in self._reported:
+                self._reported.add(position)
+                warnings.warn(f"difftrain: image '{self.names[position]}' cannot be decoded any more; training on "
+                              f"'{self.names[other]}' in its place (epoch {epoch})", stacklevel=1)
+            return loaded
+        raise RuntimeError(f"no image of bucket {size} can be decoded")
+
+    def sample(self, position: int, epoch: int, size: tuple[int, int]):
+        """(position, pixels or cached latent parameters, crop offset, flip, dropped) of one training sample."""
+        resized, _ = cover(self.sizes[position], size)
+        top, left, flip, drop = draws(self.seed, epoch, position, self.augment,
+                                      (resized[0] - size[0], resized[1] - size[1]))
+        latents = self.served.latents
+        if latents is not None:  # one cached crop per sample; both flips cached
+            row = latents.get(position, "mean_logvar_flip" if flip else "mean_logvar")
+            return position, row, tuple(latents.get(position, "crop").tolist()), flip, drop
+        _, crop = self.crop_box(position, size, None if self.augment.center_crop else (top, left))
+        return position, self.pixels(position, size, crop, flip), crop, flip, drop
+
+    # ---- one micro-batch ----------------------------------------------------------------------------
+    def __getitem__(self, key: MicroBatchKey) -> dict:
+        return self.__getitems__(key)
+
+    def __getitems__(self, key: MicroBatchKey) -> dict:
+        size = self.buckets[self.bucket_of[key.positions[0]]]
+        loaded = []
+        for position in key.positions:
+            try:
+                loaded.append(self.sample(position, key.epoch, size))
+            except Exception:  # noqa: BLE001 (a file that broke since the index was built)
+                if self.served.latents is not None:
+                    raise
+                loaded.append(self.stand_in(position, key.epoch, size))
+        used, tensors, crops, flips, dropped = (list(c) for c in zip(*loaded))
+        cached = self.served.latents is not None
+        return self._collate(key, used, size, [] if cached else tensors, tensors if cached else [], crops, flips,
+                             dropped)
+
+    def _collate(self, key, used, size, rows, params, crops, flips, dropped) -> dict:
+        """One batch dict; `used` are the positions read (a replaced file's stand-in included)."""
+        positions = torch.tensor(used, dtype=torch.long)
+        batch = {"step": key.step, "micro": key.micro, "epoch": key.epoch, "indices": positions,
+                 "flips": torch.tensor(flips) if self.augment.random_flip else None,
+                 "labels": torch.tensor([self.labels[p] for p in used]) if self.labels is not None else None,
+                 "original_sizes": torch.tensor([self.sizes[p] for p in used], dtype=torch.long),
+                 "crop_offsets": torch.tensor(crops, dtype=torch.long).view(-1, 2),
+                 "target_size": size}
+        if params:
+            batch["latents"] = torch.stack(params)
+        else:
+            batch["pixels"] = torch.stack(rows)
+        if self.captions is not None:
+            drop = torch.tensor(dropped, dtype=torch.bool)
+            batch["dropped"] = drop
+            batch["captions"] = ["" if d else self.captions[p] for p, d in zip(used, dropped)]
+            if self.served.text is not None:
+                batch["text"] = self.text_rows(used, dropped)
+        return batch
+
+    def text_rows(self, positions: list[int], dropped: list[bool]) -> dict[str, torch.Tensor]:
+        served = self.served
+        rows = [served.empty_row if d else served.caption_rows[p] for p, d in zip(positions, dropped)]
+        return {name: torch.stack([served.text.get(r, name) for r in rows]) for name in served.text_names}
+
+    def cache_crop(self, position: int) -> tuple[int, int]:
+        """The one crop of a sample in the latent cache: the center, or (random crops) one draw of
+        (seed, position) -- the same in every run with this seed."""
+        size = self.buckets[self.bucket_of[position]]
+        resized, _ = cover(self.sizes[position], size)
+        if self.augment.center_crop:
+            return center_offset(resized, size)
+        g = torch.Generator().manual_seed(seed_for(self.seed, 0, f"cache_crop/{position}"))
+        return (int(torch.randint(0, resized[0] - size[0] + 1, (1,), generator=g)),
+                int(torch.randint(0, resized[1] - size[1] + 1, (1,), generator=g)))
+
+    def cache_item(self, position: int) -> tuple[int, torch.Tensor, tuple[int, int]]:
+        """(position, pixels at the cache crop, crop offset) of one sample, for the latent cache build."""
+        crop = self.cache_crop(position)
+        return position, self.pixels(position, self.buckets[self.bucket_of[position]], crop), crop
+
+    def fixed_batch(self, positions: list[int], size: tuple[int, int]) -> dict:
+        """Un-augmented samples at `size` (center crop, no flip, no dropout): the validation loss inputs."""
+        rows = [self.pixels(p, size) for p in positions]
+        crops = [self.crop_box(p, size, None)[1] for p in positions]
+        key = MicroBatchKey(-1, 0, 0, tuple(positions))
+        saved, self.augment = self.augment, Augment(True, False, 0.0, self.augment.channels,
+                                                    self.augment.interpolation)
+        try:
+            return self._collate(key, list(positions), size, rows, [], crops, [False] * len(positions), [False] * len(positions))
+        finally:
+            self.augment = saved
+
+
+class CacheItems(torch.utils.data.Dataset):
+    """The samples of a latent cache build, decoded by DataLoader workers (one item at a time, in order)."""
+
+    def __init__(self, samples: ImageSamples, positions: list[int]) -> None:
+        self.samples, self.positions = samples, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        return self.samples.cache_item(self.positions[i])
+
+
+def file_reader(key: str):
+    from PIL import Image
+
+    return Image.open(key)
+
+
+class RowReader:
+    """Opens row `key` of a `datasets` dataset from its encoded bytes (picklable: workers get a copy of the
+    memory-mapped table, not of the images)."""
+
+    def __init__(self, rows, image_column: str) -> None:
+        import datasets
+
+        self.rows = rows.cast_column(image_column, datasets.Image(decode=False))
+        self.column = image_column
+
+    def __call__(self, key: int):
+        from PIL import Image
+
+        cell = self.rows[int(key)][self.column]
+        if cell.get("bytes"):
+            return Image.open(io.BytesIO(cell["bytes"]))
+        return Image.open(cell["path"])
+
+
+class TensorSamples(ImageSamples):
+    """Images already in memory as (N, C, H, W) in [-1, 1] (the digits): the same batches, no decoding."""
+
+    def __init__(self, images: torch.Tensor, index, plan, augment: Augment, seed: int, members) -> None:
+        super().__init__(None, index, plan, augment, seed, members)
+        self.images = images
+
+    def pixels(self, position, size, top_left=None, flip=False) -> torch.Tensor:
+        x = self.images[position]
+        return x.flip(-1) if flip else x
+
+    def crop_box(self, position, size, top_left):
+        return tuple(size), (0, 0)
