@@ -14,6 +14,7 @@ commands:
   eval RUN_DIR           digits-classifier accuracy of a finished run's samples
   components             list every config group, its options and what each does
   report SWEEP_DIR       table, CSV and plots of a multirun sweep
+  data-report [overrides]  buckets, counts, held-out and bad images of the data (also: train --dry-run)
 """
 
 
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from difftrain.errors import UserError
 
     try:
+        if command == "data-report" or (command == "train" and "--dry-run" in rest):
+            from difftrain.cli.data_report import data_report_command
+
+            return data_report_command(rest)
         if command == "train":
             from difftrain.cli.train import train_command
 
@@ -54,5 +59,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted; the last complete checkpoint is kept (resume=latest continues)")
         return 130
-    print_error(f"unknown command '{command}'; commands: train, sample, eval, components, report")
+    print_error(f"unknown command '{command}'; commands: train, sample, eval, components, report, data-report")
     return 2

@@ -162,7 +162,8 @@ class CaptionedImageDataConfig:
     buckets: str | list[list[int]] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
         "none", "aspect-ratio buckets: none (one square of data.resolution), auto (a ladder of about "
         "data.resolution^2 pixels, aspect 1:4..4:1) or a list of [height, width]")
-    bucket_step: int | None = opt(None, "side granularity of buckets=auto; null = the model's size multiple", ge=1)
+    bucket_step: int | None = opt(None, "side granularity of buckets=auto; null = about data.resolution / 16, a "
+                                   "multiple of the model's size multiple", ge=1)
     max_upscale: float = opt(2.0, "an image upscaled more than this to cover its bucket is too small "
                                   "(see on_bad_image)", ge=1)
     validation_split: float = opt(0.0, "samples held out for the validation loss: a fraction (< 1) or a count; "

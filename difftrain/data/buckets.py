@@ -29,7 +29,7 @@ def auto_buckets(resolution: int, step: int) -> list[tuple[int, int]]:
     while width <= resolution * MAX_ASPECT:
         height = (area // width) // step * step
         if height >= step and 1 / MAX_ASPECT <= width / height <= MAX_ASPECT:
-            out.add((height, width))
+            out.update({(height, width), (width, height)})  # the ladder is symmetric: portrait and landscape
         width += step
     square = resolution // step * step
     if square >= step:

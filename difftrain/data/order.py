@@ -63,7 +63,8 @@ class BatchOrder:
             for members in self.groups:
                 shuffled = members[torch.randperm(len(members), generator=g)]
                 full = len(members) // self.batch_size * self.batch_size
-                batches += list(shuffled[:full].split(self.batch_size))
+                if full:  # (an empty tensor splits into one empty batch)
+                    batches += list(shuffled[:full].split(self.batch_size))
             if len(self.groups) > 1:
                 batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
             self._epoch, self._batches = epoch, batches

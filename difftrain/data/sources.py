@@ -115,7 +115,8 @@ def _augment(options, interpolation) -> Augment:
 
 def _finish(index: SampleIndex, options, seed: int, size_multiple: int, make_samples) -> TrainingData:
     """Buckets, bad-data policy, validation hold-out; `make_samples(index, plan, members)` builds the Dataset."""
-    step = options.bucket_step or size_multiple
+    # default granularity: about resolution / 16 (64 px at 1024 for SD3/SDXL-sized models), a multiple of the model's
+    step = options.bucket_step or size_multiple * max(1, options.resolution // 16 // size_multiple)
     buckets = options.buckets
     if isinstance(buckets, list):
         wrong = [b for b in buckets if b[0] % size_multiple or b[1] % size_multiple]
