@@ -195,14 +195,15 @@ def index_hf(options, rows) -> SampleIndex:
     if not isinstance(rows.features[image_column], datasets.Image):
         raise UserError(f"data.image_column '{image_column}' of '{options.dataset}' holds "
                         f"{type(rows.features[image_column]).__name__}, not images; name the column with the images")
-    encoded = rows.cast_column(image_column, datasets.Image(decode=False))
+    encoded = rows.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
     sizes, bad, names = [], [], []
-    for i, cell in enumerate(encoded[image_column]):
-        names.append(f"row {i}")
-        size, problem = encoded_size(cell)
-        sizes.append(size)
-        if problem:
-            bad.append((names[-1], problem))
+    for chunk in encoded.iter(batch_size=256):  # a chunk of encoded bytes at a time, never the whole column
+        for cell in chunk[image_column]:
+            names.append(f"row {len(names)}")
+            size, problem = encoded_size(cell)
+            sizes.append(size)
+            if problem:
+                bad.append((names[-1], problem))
     if instance_prompt is not None:
         captions = [instance_prompt] * len(rows)
     else:

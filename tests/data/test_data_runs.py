@@ -231,3 +231,35 @@ def test_sigkill_with_buckets_and_workers_then_resume_is_exact(tmp_path):
     assert resumed.returncode == 0, out
     _same_run(tmp_path / "ref", tmp_path / "run")
     shutil.rmtree(tmp_path / "images")
+
+
+def test_hf_rows_are_indexed_without_decoding_and_streamed_by_workers(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import io
+
+    from PIL import Image
+
+    from difftrain.components.interpolation import resolve_interpolation_mode
+    from difftrain.config.schema_t2i import HFDataConfig
+    from difftrain.data.sources import build_hf
+
+    cells = []
+    for i, (h, w) in enumerate([(40, 30), (30, 40), (32, 32), (48, 24), (36, 36), (44, 33), (33, 44), (40, 40)]):
+        buffer = io.BytesIO()
+        Image.new("RGB", (w, h), color=(i * 30, 100, 50)).save(buffer, format="PNG")
+        cells.append({"bytes": buffer.getvalue(), "path": None})
+    cells[5]["bytes"] = cells[5]["bytes"][:40]  # truncated
+    ds = datasets.Dataset.from_dict({"image": cells, "text": [f"picture {i}" for i in range(8)]})
+    ds.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "ds"))
+    options = HFDataConfig(dataset=str(tmp_path / "ds"), resolution=16, buckets="auto", bucket_step=8,
+                           random_flip=True, on_bad_image="skip")
+    data = build_hf(options, resolve_interpolation_mode("bilinear"), seed=0, size_multiple=8)
+    assert data.skipped == [("row 5", "truncated PNG (no IEND chunk)")] and len(data) == 7
+    assert data.index.sizes[:2] == [(40, 30), (30, 40)]
+    order = data.order(batch_size=1, grad_accum=1, world_size=1, seed=0)
+    streams = [data.stream(order, 0, 6, workers, 2, False) for workers in (0, 2)]
+    for step in range(6):
+        a, b = (s.batch(step, 0) for s in streams)
+        assert a["captions"] == b["captions"] and torch.equal(a["pixels"], b["pixels"])
+    for s in streams:
+        s.close()
