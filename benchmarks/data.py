@@ -5,27 +5,26 @@
     python benchmarks/data.py --skip-before   # without (e), the pre-index loader of commit 7ccb8c2
 
 Everything is measured in one run, on the same files, with a tiny random SD1-style pipeline built here:
-(a) peak RSS of a 3-step `difftrain train` run (model=sd15, data.buckets=auto, fresh process and RUN_DIR) at
-    the small N vs the full N; ru_maxrss of exactly that child, from os.wait4. Goal: ratio <= 1.15.
-(b) images/s of difftrain's BatchStream (TrainingData.stream) at data.resolution=256, buckets=auto, with
+(a) peak RSS of a 3-step `difftrain train` run (model=sd15, buckets=auto, fresh process and RUN_DIR) at the
+    small N vs the full N: ru_maxrss of exactly that child (os.wait4). Goal: ratio <= 1.15. About 1 GB of it is
+    imports (torch, diffusers, transformers), so the growth per 1,000 images is printed too.
+(b) images/s of difftrain's BatchStream (TrainingData.stream; 256 px, buckets=auto, batch 4) with
     trainer.num_workers 0, 1, 2, against a bare PIL loop over the same files and buckets (open, RGB, resize to
-    cover, center crop, to tensor, stack): workers=w is compared with w x the bare loop (w=0 with 1x). The rate
-    is the steady one, from the first batch on (prefetch lets w workers gain about (w-1) batches of --loader-
-    images/4: ~2% at 200); the time to the first batch (worker start-up) goes to the JSON. The page cache is
-    warmed first; median of --repeats interleaved rounds. The w x bare goal assumes w idle cores.
+    cover, center crop, to tensor, stack): workers=w vs w x the bare loop (w=0 vs 1x); goal >= 0.9, which
+    assumes w idle cores. Steady rate, from the first batch on (prefetch gains w-1 batches: ~2% at 200 images);
+    the time to the first batch (worker start-up) is printed apart. Page cache warmed; median of --repeats.
 (c) images/s of the latent cache build (families/t2i_caches.build_latent_cache, tiny VAE, no workers) over the
     small folder, against a bare loop doing the same decode + VAE encode in batches of the same size.
-(d) seconds from starting the command to its first finished step, without caches, at the full N: the
-    wall time from Popen to the first line of RUN_DIR/metrics.jsonl (trainer.log_every=1), in the runs of (a).
-    It includes the interpreter, imports, the pipeline load, the index scan (a fresh RUN_DIR has no index
-    cache; the image files are in the OS page cache), the first batch and step. Goal: < 30 s.
-(e) "before": the same 3-step run at the small N with the code of commit 7ccb8c2 (its in-memory loader decodes
-    every image at start-up), extracted with `git archive` into the work folder and run with PYTHONPATH
-    pointing at it; its first-step time and peak RSS against today's. data.buckets does not exist there (one
-    square crop): the only override left out.
+(d) seconds from the command to its first finished step, no caches, at the full N: wall time from Popen to
+    the first line of RUN_DIR/metrics.jsonl (trainer.log_every=1) in the runs of (a): interpreter, imports,
+    pipeline load, index scan (a fresh RUN_DIR has no index cache; the files are in the OS page cache), the
+    first batch and step. Goal: < 30 s.
+(e) "before": the same run at the small N with the code of commit 7ccb8c2 (its in-memory loader decodes every
+    image at start-up), extracted by `git archive` into the work folder and run with PYTHONPATH on it; without
+    data.buckets (not there: one square crop). Its first-step time and peak RSS against today's.
 
-Subprocesses run with OMP_NUM_THREADS=1, this process with torch.set_num_threads(1). The table is printed
-and its numbers written as JSON to --json (default: WORKDIR/data.json), and printed as one JSON line.
+Subprocesses run with OMP_NUM_THREADS=1, this process with torch.set_num_threads(1). The table is printed,
+then one JSON line, also written to --json (default WORKDIR/data.json, outside the repository).
 """
 
 from __future__ import annotations
@@ -225,9 +224,7 @@ def loader_rates(data, images: int, batch: int, repeats: int) -> dict:
         _, positions = order.indices(step, 0, 0)
         plan.append(([data.index.keys[p] for p in positions.tolist()],
                      data.plan.buckets[data.plan.bucket_of[int(positions[0])]]))
-    for files, _ in plan:  # warm the page cache
-        for f in files:
-            Path(f).read_bytes()
+    [Path(f).read_bytes() for files, _ in plan for f in files]  # warm the page cache
 
     def bare():
         for files, bucket in plan:
@@ -242,8 +239,7 @@ def loader_rates(data, images: int, batch: int, repeats: int) -> dict:
         s.close()
 
     variants = {"bare": bare, **{w: (lambda w=w: stream(w)) for w in (0, 1, 2)}}
-    rates = {k: [] for k in variants}
-    firsts = {k: [] for k in variants}
+    rates, firsts = {k: [] for k in variants}, {k: [] for k in variants}
     for _ in range(repeats):  # interleaved: machine noise hits every variant alike
         for name, fn in variants.items():
             batches, start = fn(), time.perf_counter()
@@ -271,6 +267,7 @@ def cache_rates(pipe: Path, folder: Path, resolution: int, cache: Path, batch: i
     data = build_data(cfg, family.size_multiple, cache / "index")
     family.prepare(data, make_accelerator(cfg), None, CacheOptions(latents=False, text=False), ["a photo"])
     t2i, n = family.t2i, len(data.index)
+    device, dtype = t2i.accelerator.device, t2i.weight_dtype  # where and how the cache build encodes
     shutil.rmtree(cache / "latents", ignore_errors=True)
     start = time.perf_counter()
     build_latent_cache(t2i, data, CacheOptions(latents=True, folder=cache / "latents", prune=False,
@@ -282,9 +279,9 @@ def cache_rates(pipe: Path, folder: Path, resolution: int, cache: Path, batch: i
         bucket = data.plan.buckets[data.plan.bucket_of[p]]
         pending.setdefault(bucket, []).append(bare_pixels(data.index.keys[p], bucket))
         if len(pending[bucket]) == batch:
-            encode_latents(t2i.vae, torch.stack(pending.pop(bucket)), "cpu", torch.float32)
+            encode_latents(t2i.vae, torch.stack(pending.pop(bucket)), device, dtype)
     for group in pending.values():
-        encode_latents(t2i.vae, torch.stack(group), "cpu", torch.float32)
+        encode_latents(t2i.vae, torch.stack(group), device, dtype)
     return {"cache": built, "bare": n / (time.perf_counter() - start), "images": n}
 
 
@@ -325,8 +322,8 @@ def main() -> None:
         assert all(p.startswith(str(old)) for p in check.split()), f"old code not imported: {check}"
         before = cli_run(overrides(pipe, small, runs / "before", res, buckets=False), runs / "before", old)
     # (b): the loader at 256 px, buckets as SD 1.5's ladder at 512 (step = resolution / 8)
-    loader_cfg = config(pipe, full, 256)
-    loader = loader_rates(build_data(loader_cfg, 8, work / "index-cache"), args.loader_images, 4, args.repeats)
+    loader = loader_rates(build_data(config(pipe, full, 256), 8, work / "index-cache"), args.loader_images, 4,
+                          args.repeats)
     # (c): the latent cache build over the small folder
     cache = cache_rates(pipe, small, res, work / "cache")
 

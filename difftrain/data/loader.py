@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from difftrain.data.samples import MicroBatchKey
+from difftrain.data.samples import MicroBatchKey, unit_range
 
 
 class MicroBatchSampler:
@@ -61,6 +61,8 @@ class BatchStream:
         if (batch["step"], batch["micro"]) != (step, micro):
             raise RuntimeError(f"data stream out of order: got step {batch['step']} micro {batch['micro']}, "
                                f"expected {step} {micro}")
+        if "pixels" in batch:
+            batch["pixels"] = unit_range(batch["pixels"])
         last = micro + 1 == self.order.micro_per_step
         self._next = (step + 1, 0) if last else (step, micro + 1)
         return batch

@@ -49,6 +49,11 @@ class Served:
     empty_row: int = 0
 
 
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1] (float pixels, the in-memory digits, are already there)."""
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
+
+
 def draws(seed: int, epoch: int, position: int, augment: Augment, crop_room: tuple[int, int]):
     """(top, left, flip, dropped) of one sample in one epoch; a fixed draw order."""
     top = left = 0
@@ -86,16 +91,18 @@ class ImageSamples(torch.utils.data.Dataset):
 
     def pixels(self, position: int, size: tuple[int, int], top_left: tuple[int, int] | None = None,
                flip: bool = False) -> torch.Tensor:
-        """(C, h, w) in [-1, 1]: decode, EXIF-rotate, resize to cover `size`, crop at top_left, flip."""
+        """(C, h, w) uint8: decode, EXIF-rotate, resize to cover `size`, crop at top_left, flip. Workers send
+        uint8 (a quarter of float32's bytes through shared memory); `unit_range` converts in the main process."""
         from PIL import ImageOps
         from torchvision.transforms import functional as TF
 
         resized, (top, left) = self.crop_box(position, size, top_left)
         with self.reader(self.keys[position]) as im:
-            im = ImageOps.exif_transpose(im).convert("L" if self.augment.channels == 1 else "RGB")
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an image without EXIF rotation
+            im = im.convert("L" if self.augment.channels == 1 else "RGB")
             im = TF.resize(im, list(resized), interpolation=self.augment.interpolation, antialias=True)
             im = TF.crop(im, top, left, size[0], size[1])
-            x = TF.pil_to_tensor(im).float() / 127.5 - 1.0
+            x = TF.pil_to_tensor(im)
         return x.flip(-1) if flip else x
 
     def stand_in(self, position: int, epoch: int, size: tuple[int, int]):

@@ -20,7 +20,7 @@ from difftrain.data.buckets import BucketPlan, plan_buckets
 from difftrain.data.index import SampleIndex, index_hf, index_imagefolder
 from difftrain.data.loader import BatchStream
 from difftrain.data.order import BatchOrder, holdout
-from difftrain.data.samples import Augment, ImageSamples, RowReader, TensorSamples, file_reader
+from difftrain.data.samples import Augment, ImageSamples, RowReader, TensorSamples, file_reader, unit_range
 from difftrain.errors import UserError
 
 SHOWN_PROBLEMS = 20
@@ -80,7 +80,9 @@ class TrainingData:
         """The fixed samples of the validation loss: the held-out ones (or the first training ones), at the
         most common bucket's size, center-cropped, not flipped."""
         positions = (self.validation or self.train)[:count]
-        return self.samples.fixed_batch(positions, self.validation_size)
+        batch = self.samples.fixed_batch(positions, self.validation_size)
+        batch["pixels"] = unit_range(batch["pixels"])
+        return batch
 
     def report(self) -> str:
         """Buckets with their counts, held-out and skipped samples (`difftrain data-report`)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from difftrain.data import cache as caches
-from difftrain.data.samples import CacheItems
+from difftrain.data.samples import CacheItems, unit_range
 
 TEXT_BATCH = 16  # prompts encoded at once while filling the text cache
 
@@ -46,7 +46,7 @@ def build_latent_cache(t2i, data, options, source: dict):
 
         def flush(size):
             group = pending.pop(size)
-            pixels = torch.stack([x for _, x, _ in group])
+            pixels = unit_range(torch.stack([x for _, x, _ in group]))
             encoded = [encode_latents(t2i.vae, pixels, device, dtype)]
             if flips:
                 encoded.append(encode_latents(t2i.vae, pixels.flip(-1), device, dtype))

@@ -96,6 +96,7 @@ def test_a_file_that_breaks_mid_run_is_replaced_deterministically(tmp_path):
         after = data.samples.__getitems__(key)
     stand_in = data.samples.__getitems__(MicroBatchKey(0, 0, 0, (1,)))
     assert after["indices"].tolist() == [1, 2] and torch.equal(after["pixels"][0], stand_in["pixels"][0])
+    assert after["pixels"].dtype == torch.uint8  # workers send uint8; the stream converts
     assert torch.equal(after["pixels"][1], before["pixels"][1])
 
 

@@ -66,7 +66,8 @@ def test_two_ranks_see_the_global_batch_of_one_process():
     """The batch of every step is the same 8 samples whether 1 process takes 8 or 2 processes take 4 each."""
     from difftrain.data.order import BatchOrder
 
-    one, two = BatchOrder(1797, 8, 2, 1, seed=0), BatchOrder(1797, 4, 2, 2, seed=0)
+    everything = [list(range(1797))]  # one bucket (with several, batches of 4 and of 8 are cut differently)
+    one, two = BatchOrder(everything, 8, 2, 1, seed=0), BatchOrder(everything, 4, 2, 2, seed=0)
     for step in (0, 1, 111, 112, 500):  # across epoch boundaries too
         for micro in range(2):
             e1, i1 = one.indices(step, micro, 0)

@@ -204,11 +204,11 @@ def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
 
 def test_validation_samples_are_not_augmented(tmp_path):
     """The validation loss reads fixed samples: center crop, no flips, no dropout, whatever the options."""
-    from difftrain.data.samples import MicroBatchKey
+    from difftrain.data.samples import MicroBatchKey, unit_range
 
     data = _imagefolder(write_images(tmp_path / "p", n=4), resolution=8, random_flip=True, center_crop=False,
                         caption_dropout=0.9)
     fixed = data.validation_batch(4)
     plain = _imagefolder(tmp_path / "p", resolution=8).samples.__getitems__(MicroBatchKey(0, 0, 0, (0, 1, 2, 3)))
-    assert torch.equal(fixed["pixels"], plain["pixels"]) and fixed["flips"] is None
+    assert torch.equal(fixed["pixels"], unit_range(plain["pixels"])) and fixed["flips"] is None
     assert not fixed["dropped"].any() and fixed["crop_offsets"].tolist() == plain["crop_offsets"].tolist()
