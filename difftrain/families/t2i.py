@@ -61,8 +61,9 @@ class T2IModule(torch.nn.Module):
         self.encode_fn, self.call_fn = encode_fn, call_fn  # plain functions of the family
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
-        if "input_ids" in cond:
-            cond = self.encode_fn(dict(self.text_encoders.items()), cond["input_ids"])
+        if "input_ids" in cond:  # the per-sample extras (batch_conditioning) stay beside the embeddings
+            extra = {k: v for k, v in cond.items() if k != "input_ids"}
+            cond = {**extra, **self.encode_fn(dict(self.text_encoders.items()), cond["input_ids"])}
         return self.call_fn(self.denoiser, x, timesteps, cond)
 
     def enable_gradient_checkpointing(self) -> None:
@@ -89,6 +90,9 @@ class T2ISpec:
     save_lora: Callable[[Path, T2IModule], None]  # write pytorch_lora_weights.safetensors into a folder
     export_scheduler: Callable                 # (pipeline's scheduler, training schedule) -> inference scheduler
     text_options: dict = field(default_factory=dict)  # options that change prompt embeddings (cache key)
+    # per-sample conditioning from the data batch (e.g. SDXL's add_time_ids from "original_sizes",
+    # "crop_offsets", "target_size"): batch -> {name: tensor}, merged into the conditioning kwargs
+    batch_conditioning: Callable[[dict], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +253,8 @@ class LatentTextToImage:
             cond = {k: v.to(device) for k, v in batch["text"].items()}
         else:
             cond = {k: v.to(device) for k, v in self.encode_prompts(captions).items()}
+        if self.spec.batch_conditioning is not None:
+            cond.update({k: v.to(device) for k, v in self.spec.batch_conditioning(batch).items()})
         return x0, cond
 
     def sample_latents(self, params: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
