@@ -163,7 +163,8 @@ class ImageSamples(torch.utils.data.Dataset):
                  "flips": torch.tensor(flips) if self.augment.random_flip else None,
                  "labels": torch.tensor([self.labels[p] for p in used]) if self.labels is not None else None,
                  "original_sizes": torch.tensor([self.sizes[p] for p in used], dtype=torch.long),
-                 "crop_offsets": torch.tensor(crops, dtype=torch.long).view(-1, 2),
+                 "crop_offsets": torch.tensor(crops, dtype=torch.long).view(-1, 2),  # (top, left), before a flip
+                 "resized_sizes": torch.tensor([cover(self.sizes[p], size)[0] for p in used], dtype=torch.long),
                  "target_size": size}
         if params:
             batch["latents"] = torch.stack(params)
