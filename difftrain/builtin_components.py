@@ -99,8 +99,13 @@ register("distributed", "deepspeed_zero3", f"{E}.distributed:deepspeed_accelerat
 register("model", "sd15", f"{F}.sd15:SD15Family",
          "Stable Diffusion 1.x/2.x pipeline (UNet2DConditionModel, CLIP, VAE) from a hub id or folder",
          t.SD15ModelConfig)
+register("model", "sdxl", f"{F}.sdxl:SDXLFamily",
+         "Stable Diffusion XL pipeline (UNet2DConditionModel, 2 CLIP, VAE) with micro-conditioning", t.SDXLModelConfig)
 register("model", "sd3", f"{F}.sd3:SD3Family",
          "Stable Diffusion 3 pipeline (SD3Transformer2DModel, 2 CLIP + T5, VAE), rectified flow", t.SD3ModelConfig)
+register("model", "flux", f"{F}.flux:FluxFamily",
+         "FLUX.1 pipeline (FluxTransformer2DModel, CLIP + T5, VAE), rectified flow with its dynamic shift",
+         t.FluxModelConfig)
 register("data", "hf", f"{D}.sources:build_hf",
          "a Hugging Face `datasets` dataset (hub id, save_to_disk folder or local folder) of images and captions",
          t.HFDataConfig)

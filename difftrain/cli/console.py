@@ -16,6 +16,16 @@ def print_error(message: str) -> None:
     Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
 
 
+def print_stop(exc: BaseException) -> None:
+    """A UserError as the user should read it: "error: ..." or, for a planned stop, a plain line."""
+    if getattr(exc, "is_error", True):
+        print_error(str(exc))
+    else:
+        import sys
+
+        print(f"difftrain: {exc}", file=sys.stderr, flush=True)
+
+
 def strip_local_rank(argv: list[str]) -> list[str]:
     """`deepspeed` and `torch.distributed.launch` append --local_rank=N (Hydra would reject it): move it
     into the LOCAL_RANK environment variable, which torchrun and accelerate set themselves."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from difftrain.cli.console import print_error, strip_local_rank  # the leaf module every cli module imports
+from difftrain.cli.console import print_error, print_stop, strip_local_rank  # the leaf module every cli module imports
 
 USAGE = """usage: difftrain <command> [args]
 
@@ -14,6 +14,7 @@ commands:
   eval RUN_DIR           digits-classifier accuracy of a finished run's samples
   components             list every config group, its options and what each does
   report SWEEP_DIR       table, CSV and plots of a multirun sweep
+  verify RUN_DIR         check every checkpoint and cache of a run against its checksums
   data-report [overrides]  buckets, counts, held-out and bad images of the data (also: train --dry-run)
 """
 
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             from difftrain.cli.data_report import data_report_command
 
             return data_report_command(rest)
+        if command == "verify":
+            from difftrain.cli.verify import verify_command
+
+            return verify_command(rest)
         if command == "train":
             from difftrain.cli.train import train_command
 
@@ -54,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return getattr(commands, f"{command}_command")(rest)
     except UserError as exc:
-        print_error(str(exc))
+        print_stop(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print_error("interrupted; the last complete checkpoint is kept (resume=latest continues)")
         return 130
-    print_error(f"unknown command '{command}'; commands: train, sample, eval, components, report, data-report")
+    print_error(f"unknown command '{command}'; commands: train, sample, eval, components, report, data-report, verify")
     return 2

@@ -166,7 +166,7 @@ def _task(cfg) -> dict | float | None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from difftrain.cli.console import print_error
+    from difftrain.cli.console import print_error, print_stop
     from difftrain.cli.sweep import job_result, write_job_record
     from difftrain.config.validate import ConfigError, validate
     from difftrain.errors import UserError
@@ -187,7 +187,7 @@ def _task(cfg) -> dict | float | None:
         summary = run_training(checked)
     except (UserError, ConfigError) as exc:
         code = getattr(exc, "exit_code", 2)
-        print_error(str(exc))
+        print_stop(exc)
         if not multirun:
             sys.exit(code)
         return write_job_record(hydra_cfg, started, error=str(exc), exit_code=code)

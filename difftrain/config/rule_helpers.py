@@ -8,6 +8,11 @@ from typing import Any
 from difftrain import registry
 
 
+def warmup_steps(value, max_steps: int) -> int:
+    """`lr_scheduler.warmup_steps` in steps: a fraction (< 1) of max_steps, rounded, or the number itself."""
+    return round(value * max_steps) if value < 1 else int(value)
+
+
 def node_of(cfg: dict, group: str) -> dict:
     node = cfg.get(group)
     return node if isinstance(node, dict) else {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from difftrain.config.rule_helpers import changed_keys, chosen_is, node_of
+from difftrain.config.rule_helpers import changed_keys, chosen_is, node_of, warmup_steps
 from difftrain.config.rules_t2i import (  # noqa: F401 (listed in RULES)
     caption_keys_need_text_to_image,
     hf_captions_or_instance_prompt,
@@ -30,6 +30,7 @@ from difftrain.config.rules_t2i import (  # noqa: F401 (listed in RULES)
     pretrained_family_scheduler,
     pretrained_family_trains_on_captioned_rgb,
     pretrained_pipeline_is_given,
+    replacement_vae_is_a_folder_or_hub_id,
     text_encoder_training_cannot_cache,
 )
 from difftrain.config.schema import (
@@ -227,12 +228,16 @@ def adam_betas(cfg: dict) -> list[str]:
 
 
 def warmup_within_max_steps(cfg: dict) -> list[str]:
-    """`lr_scheduler.warmup_steps` does not exceed `trainer.max_steps`."""
+    """`lr_scheduler.warmup_steps`, a fraction below 1 or a whole number of steps, does not exceed `trainer.max_steps`."""
     max_steps = node_of(cfg, "trainer").get("max_steps")
     if chosen_is(cfg, "lr_scheduler", LRSchedulerConfig) and isinstance(max_steps, int):
         warmup = cfg["lr_scheduler"]["warmup_steps"]
-        if warmup > max_steps:
-            return [f"lr_scheduler.warmup_steps ({warmup}) exceeds trainer.max_steps ({max_steps})"]
+        if warmup >= 1 and warmup != int(warmup):
+            return [f"lr_scheduler.warmup_steps={warmup}: give a fraction of trainer.max_steps below 1 (e.g. 0.05) "
+                    "or a whole number of steps"]
+        if warmup_steps(warmup, max_steps) > max_steps:
+            return [f"lr_scheduler.warmup_steps ({warmup}) exceeds trainer.max_steps ({max_steps}); use a fraction "
+                    "such as lr_scheduler.warmup_steps=0.05 to scale with the run"]
     return []
 
 
@@ -329,6 +334,7 @@ RULES: tuple[Rule, ...] = (
     pretrained_family_ignores_scheduler_tables,
     pretrained_family_trains_on_captioned_rgb,
     latent_resolution_multiple_of_8,
+    replacement_vae_is_a_folder_or_hub_id,
     imagefolder_path_is_a_folder,
     hf_dataset_is_given,
     hf_captions_or_instance_prompt,

@@ -21,7 +21,7 @@ from difftrain.config.schema_t2i import (
 
 # ---- model: pretrained pipelines (sd15, sd3) -------------------------------------------------------
 def pretrained_pipeline_is_given(cfg: dict) -> list[str]:
-    """`model=sd15|sd3` need `model.pretrained`: a hub id, or a pipeline folder with model_index.json."""
+    """`model=sd15|sdxl|sd3` need `model.pretrained`: a hub id, or a pipeline folder with model_index.json."""
     if not chosen_is(cfg, "model", PretrainedPipelineConfig):
         return []
     name, pretrained = cfg["model"]["name"], cfg["model"]["pretrained"]
@@ -41,7 +41,7 @@ def pretrained_pipeline_is_given(cfg: dict) -> list[str]:
 
 
 def pretrained_family_scheduler(cfg: dict) -> list[str]:
-    """`model=sd15` trains with `scheduler=ddpm|ddpm_v`, `model=sd3` with `scheduler=sd3`."""
+    """`model=sd15|sdxl` train with `scheduler=ddpm|ddpm_v`, `model=sd3` with `scheduler=sd3`."""
     family = schema_of(cfg, "model")
     scheduler = node_of(cfg, "scheduler").get("name")
     if chosen_is(cfg, "model", PretrainedPipelineConfig) and scheduler is not None and scheduler not in family.schedulers:
@@ -50,7 +50,7 @@ def pretrained_family_scheduler(cfg: dict) -> list[str]:
 
 
 def pretrained_family_ignores_scheduler_tables(cfg: dict) -> list[str]:
-    """Scheduler keys the pipeline supplies stay at their defaults (sd15: `num_train_timesteps`, `beta_*`, `clip_sample`; sd3: `num_train_timesteps`, `shift`)."""
+    """Scheduler keys the pipeline supplies stay at their defaults (sd15, sdxl: `num_train_timesteps`, `beta_*`, `clip_sample`; sd3: `num_train_timesteps`, `shift`)."""
     family = schema_of(cfg, "model")
     if not chosen_is(cfg, "model", PretrainedPipelineConfig) or node_of(cfg, "scheduler").get("name") not in family.schedulers:
         return []
@@ -61,7 +61,7 @@ def pretrained_family_ignores_scheduler_tables(cfg: dict) -> list[str]:
 
 
 def pretrained_family_trains_on_captioned_rgb(cfg: dict) -> list[str]:
-    """`model=sd15|sd3` train on captioned RGB images: `data=imagefolder|hf` with `data.channels=3`."""
+    """`model=sd15|sdxl|sd3` train on captioned RGB images: `data=imagefolder|hf` with `data.channels=3`."""
     data = node_of(cfg, "data")
     if not chosen_is(cfg, "model", PretrainedPipelineConfig) or not data:
         return []
@@ -75,11 +75,26 @@ def pretrained_family_trains_on_captioned_rgb(cfg: dict) -> list[str]:
 
 
 def latent_resolution_multiple_of_8(cfg: dict) -> list[str]:
-    """With `model=sd15|sd3`, `data.resolution` is a multiple of 8 (the VAE works on 8x8 patches)."""
+    """With `model=sd15|sdxl|sd3`, `data.resolution` is a multiple of 8 (the VAE works on 8x8 patches)."""
     resolution = node_of(cfg, "data").get("resolution")
     if chosen_is(cfg, "model", PretrainedPipelineConfig) and isinstance(resolution, int) and resolution % 8:
         return [f"data.resolution ({resolution}) must be a multiple of 8 for model={cfg['model']['name']} "
                 "(the VAE works on 8x8 patches)"]
+    return []
+
+
+def replacement_vae_is_a_folder_or_hub_id(cfg: dict) -> list[str]:
+    """`model.vae` (sdxl) is null, a hub id, or a folder with config.json (a VAE) or vae/config.json (a pipeline)."""
+    vae = node_of(cfg, "model").get("vae")
+    if not chosen_is(cfg, "model", PretrainedPipelineConfig) or vae is None:
+        return []
+    hint = ("give an AutoencoderKL folder (vae.save_pretrained), a pipeline folder, a hub id such as "
+            "madebyollin/sdxl-vae-fp16-fix, or model.vae=null for the pipeline's own VAE")
+    local = Path(str(vae)).expanduser()
+    if vae == "" or ((local.exists() or looks_like_path(vae)) and not local.is_dir()):
+        return [f"model.vae '{vae}' is not a folder: {hint}"]
+    if local.is_dir() and not ((local / "config.json").is_file() or (local / "vae" / "config.json").is_file()):
+        return [f"model.vae '{vae}' has no config.json (nor vae/config.json): {hint}"]
     return []
 
 
@@ -120,7 +135,7 @@ def instance_prompt_not_empty(cfg: dict) -> list[str]:
 
 
 def caption_keys_need_text_to_image(cfg: dict) -> list[str]:
-    """`data.cache_latents`, `cache_text_embeddings`, `caption_dropout` and `instance_prompt` need `model=sd15|sd3`."""
+    """`data.cache_latents`, `cache_text_embeddings`, `caption_dropout` and `instance_prompt` need `model=sd15|sdxl|sd3`."""
     model = node_of(cfg, "model").get("name")
     if model is None or not chosen_is(cfg, "data", CaptionedImageDataConfig) or chosen_is(cfg, "model", PretrainedPipelineConfig):
         return []
@@ -139,7 +154,7 @@ def text_encoder_training_cannot_cache(cfg: dict) -> list[str]:
 
 # ---- lora -----------------------------------------------------------------------------------------
 def lora_needs_text_to_image(cfg: dict) -> list[str]:
-    """`lora=on` needs a pretrained text-to-image model (`model=sd15|sd3`)."""
+    """`lora=on` needs a pretrained text-to-image model (`model=sd15|sdxl|sd3`)."""
     model = node_of(cfg, "model").get("name")
     if chosen_is(cfg, "lora", LoraOnConfig) and model is not None and not chosen_is(cfg, "model", PretrainedPipelineConfig):
         return [f"lora=on needs a pretrained text-to-image model (model=sd15 or model=sd3), not model={model}; "

@@ -215,13 +215,14 @@ class LRSchedulerConfig:
     """lr_scheduler=constant (and the base of the others): diffusers' schedules over trainer.max_steps."""
 
     name: str = "constant"
-    warmup_steps: int = opt(0, "linear warm-up steps (lr_scheduler=constant has none: keep 0)", ge=0)
+    warmup_steps: int | float = opt(0, "linear warm-up (lr_scheduler=constant has none: keep 0)", ge=0)
 
 
 @dataclass(frozen=True)
 class WarmupLRSchedulerConfig(LRSchedulerConfig):
     name: str = "linear"
-    warmup_steps: int = opt(100, "linear warm-up steps", ge=0)
+    warmup_steps: int | float = opt(0.05, "linear warm-up: a fraction of trainer.max_steps (< 1) or a number "
+                                          "of steps", ge=0)
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,11 @@ class TrainerConfig:
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
     checkpoint_every: int = opt(500, "steps between checkpoints; 0 = only at the end", ge=0)
     checkpoints_total_limit: int | None = opt(2, "keep this many newest checkpoints; null = all", ge=1)
+    checkpoint_on_signals: list[str] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
+        doc="signals that make the run finish its step, write a checkpoint and exit 75 (preemption); [] = none",
+        factory=lambda: ["SIGTERM", "SIGUSR1"])
+    checkpoint_every_minutes: float | None = opt(None, "also checkpoint when this many minutes passed since the "
+                                                       "last checkpoint (preemptible machines); null = off", gt=0)
     validate_every: int = opt(500, "steps between validations; 0 = only at the end", ge=0)
     log_every: int = opt(50, "steps between metric lines", ge=1)
     deterministic: bool = opt(False, "torch deterministic algorithms (bitwise GPU runs, slower)")

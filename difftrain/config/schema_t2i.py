@@ -1,4 +1,4 @@
-"""Schemas of the latent text-to-image options: model=sd15|sd3, lora=none|on, data=hf.
+"""Schemas of the latent text-to-image options: model=sd15|sdxl|sd3, lora=none|on, data=hf.
 
 Pure Python like schema.py. The pretrained-pipeline models share `PretrainedPipelineConfig`, whose class
 attributes say what the family takes from the pipeline; the rules that reject the combinations without
@@ -55,6 +55,23 @@ class SD15ModelConfig(PretrainedPipelineConfig):
 
 
 @dataclass(frozen=True)
+class SDXLModelConfig(PretrainedPipelineConfig):
+    schedulers: ClassVar[tuple[str, ...]] = SD15ModelConfig.schedulers
+    scheduler_hint: ClassVar[str] = SD15ModelConfig.scheduler_hint
+    pipeline_scheduler_keys: ClassVar[tuple[str, ...]] = SD15ModelConfig.pipeline_scheduler_keys
+    scheduler_keys_used: ClassVar[str] = SD15ModelConfig.scheduler_keys_used
+    example: ClassVar[str] = "stabilityai/stable-diffusion-xl-base-1.0"
+
+    name: str = "sdxl"
+    pretrained: str = opt(MISSING, "hub id or local folder of a StableDiffusionXLPipeline")
+    resolution: int = opt(1024, "native resolution: the default of data.resolution for this model", ge=8)
+    vae: str | None = opt(None, "another AutoencoderKL (hub id or folder, e.g. madebyollin/sdxl-vae-fp16-fix); "
+                                "null = the pipeline's")
+    vae_dtype: str = opt("fp32", "dtype of the frozen VAE: fp32 (SDXL's VAE overflows in fp16) or weight (that "
+                                 "of trainer.mixed_precision)", choices=("fp32", "weight"))
+
+
+@dataclass(frozen=True)
 class SD3ModelConfig(PretrainedPipelineConfig):
     schedulers: ClassVar[tuple[str, ...]] = ("sd3",)
     scheduler_hint: ClassVar[str] = "SD3 is a rectified-flow model: use scheduler=sd3"
@@ -66,6 +83,22 @@ class SD3ModelConfig(PretrainedPipelineConfig):
     pretrained: str = opt(MISSING, "hub id or local folder of a StableDiffusion3Pipeline")
     resolution: int = opt(1024, "native resolution: the default of data.resolution for this model", ge=8)
     max_sequence_length: int = opt(77, "T5 tokens per prompt (training, caches and validation)", ge=1, le=512)
+
+
+@dataclass(frozen=True)
+class FluxModelConfig(PretrainedPipelineConfig):
+    schedulers: ClassVar[tuple[str, ...]] = ("sd3",)
+    scheduler_hint: ClassVar[str] = "FLUX.1 is a rectified-flow model: use scheduler=sd3"
+    pipeline_scheduler_keys: ClassVar[tuple[str, ...]] = ("num_train_timesteps", "shift")
+    scheduler_keys_used: ClassVar[str] = "only scheduler.precondition_outputs applies"
+    example: ClassVar[str] = "black-forest-labs/FLUX.1-dev"
+
+    name: str = "flux"
+    pretrained: str = opt(MISSING, "hub id or local folder of a FluxPipeline (FLUX.1 dev or schnell)")
+    resolution: int = opt(1024, "native resolution: the default of data.resolution for this model", ge=8)
+    max_sequence_length: int = opt(512, "T5 tokens per prompt (training, caches and validation)", ge=1, le=512)
+    guidance_scale: float = opt(3.5, "guidance embedding value while training a guidance-distilled transformer "
+                                     "(FLUX.1-dev); unused without guidance_embeds (schnell)", ge=0)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ The key is a SHA-256 over everything that changes the content: for latents the i
 mtimes), buckets, crop and interpolation, whether both flips are stored, the VAE (id, config and a weight
 fingerprint) and the dtype it runs in; for text the distinct captions, the tokenizers, the text encoders and their
 dtype, the sequence length. A different key is a different folder, so a stale cache is never read; each shard
-carries the key in its metadata and is checked when opened.
+carries the key in its metadata and is checked when opened, and the manifest records every shard's CRC-32: a
+run that reuses a cache verifies it first (a damaged one is rebuilt), and `difftrain verify RUN_DIR` checks it.
 
 The build is split across ranks (shard s is computed by rank s mod world size), writes each shard to a temporary
 file and renames it, so a killed build keeps its finished shards and the next run computes only the missing
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from difftrain.errors import UserError
+from difftrain.errors import UserError, warn
 
 CACHE_VERSION = 2
 SHARD_SIZE = 256
@@ -138,6 +139,12 @@ class ShardedCache:
               show_progress: bool = True) -> ShardReader:
         """Compute the missing shards (this rank's share), wait for every rank, publish the manifest; a reader."""
         rank, world = accelerator.process_index, accelerator.num_processes
+        if accelerator.is_main_process and self.complete():  # a reused cache is checked before it is trusted
+            problem = verify_cache(self.folder)
+            if problem is not None:
+                warn(f"the {self.kind} cache '{self.folder}' is damaged ({problem}); rebuilding it")
+                shutil.rmtree(self.folder, ignore_errors=True)
+        accelerator.wait_for_everyone()
         if not self.complete():
             todo = [s for s in self.missing() if s % world == rank]
             with _progress(f"cache {self.kind}", len(todo), show_progress and accelerator.is_main_process) as tick:
@@ -150,8 +157,10 @@ class ShardedCache:
                 raise UserError(f"the {self.kind} cache in '{self.folder}' lacks shards {missing[:5]} after the "
                                 "build; data.cache_dir must be a folder every process can write and read")
             if accelerator.is_main_process:
+                sums = {shard_name(s): file_crc32(self.folder / shard_name(s)) for s in range(self.shards)}
                 _write_json(self.folder / "manifest.json", {"key": self.key, "kind": self.kind, "count": self.count,
-                                                            "shard_size": self.shard_size, "fields": self.fields})
+                                                            "shard_size": self.shard_size, "fields": self.fields,
+                                                            "crc32": sums})
         if prune and accelerator.is_main_process:  # the run's own cache folder keeps only the current caches
             for old in self.root.glob(f"{self.kind}-*"):
                 if old.is_dir() and old != self.folder:
@@ -171,6 +180,32 @@ class ShardedCache:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(tensors, str(tmp), metadata={"key": self.key})
         os.replace(tmp, path)
+
+
+def file_crc32(path: Path) -> str:
+    """CRC-32 of a file as 8 hex digits (zlib, 8 MB chunks; checkpoints and cache shards are checked with it)."""
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def verify_cache(folder: Path) -> str | None:
+    """None when a cache folder's manifest lists every shard with a matching checksum, else what is wrong."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "no readable manifest.json (an unfinished build: the next run completes it)"
+    for name, crc in manifest.get("crc32", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_crc32(path) != crc:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _write_json(path: Path, obj: dict) -> None:

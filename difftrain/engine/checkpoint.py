@@ -1,9 +1,11 @@
 """Transactional checkpoints.
 
 A checkpoint is written into `checkpoints/.checkpoint-N.tmp/`, every file is flushed and fsynced,
-a manifest (file names and sizes) is written last, and only then is the folder renamed to
-`checkpoints/checkpoint-N`. "Latest" is the highest N whose manifest matches the files on disk,
-so a run killed mid-save (or a truncated file) is never picked. Old checkpoints are pruned only
+a manifest (file names, sizes and CRC-32 checksums) is written last, and only then is the folder renamed to
+`checkpoints/checkpoint-N`. "Complete" means the manifest's sizes match the files (cheap: listing and
+pruning use it), "verified" that their checksums match too (resume verifies the checkpoint it loads;
+`resume=latest` falls back to the newest one that verifies, with a warning naming the ones it skipped).
+A run killed mid-save, a truncated file or flipped bits are therefore never resumed from. Old checkpoints are pruned only
 after the new one is published. Tensors are safetensors; optimizer/scheduler/RNG state is loaded
 with `torch.load(weights_only=True)`; everything else is JSON.
 """
@@ -19,11 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from difftrain.errors import UserError
+from difftrain.data.cache import file_crc32  # CRC-32 in 8 MB chunks (zlib: about 1 GB/s)
+from difftrain.errors import UserError, warn
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest has "crc32" (format 1 manifests are checked by size only)
+
 
 
 def _fsync_file(path: Path) -> None:
@@ -74,7 +78,8 @@ def publish(root: Path, tmp: Path, step: int, extra: dict | None = None) -> Path
     for sub in sorted({(tmp / name).parent for name in files} - {tmp}):
         _fsync_dir(sub)
     manifest = {"format": FORMAT_VERSION, "step": step,
-                "files": {name: (tmp / name).stat().st_size for name in files}, **(extra or {})}
+                "files": {name: (tmp / name).stat().st_size for name in files},
+                "crc32": {name: file_crc32(tmp / name) for name in files}, **(extra or {})}
     write_json(tmp / MANIFEST, manifest)
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(tmp)
@@ -98,6 +103,25 @@ def is_complete(path: Path) -> bool:
         return all((path / name).stat().st_size == size for name, size in manifest["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def verify(path: Path) -> str | None:
+    """None when every file of the checkpoint has its recorded size and checksum, else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files, sums = manifest["files"], manifest.get("crc32", {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"no readable {MANIFEST} ({type(exc).__name__})"
+    for name, size in files.items():
+        file = path / name
+        try:
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+            if name in sums and file_crc32(file) != sums[name]:
+                return f"{name} does not match its checksum (the file changed after it was written)"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -137,20 +161,29 @@ def prune(root: Path, keep: int | None, protect: Path | None = None) -> list[Pat
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path | None:
-    """'latest' -> newest complete checkpoint (None if there is none); else a checked path."""
+    """'latest' -> the newest checkpoint that verifies (None if there is none); else a verified path."""
     root = output_dir / "checkpoints"
     if resume == "latest":
         complete = complete_checkpoints(root)
-        return complete[-1][1] if complete else None
+        for step, path in reversed(complete):
+            problem = verify(path)
+            if problem is None:
+                return path
+            warn(f"checkpoint '{path}' fails verification ({problem}); skipping it and trying the one before")
+        if complete:
+            raise UserError(f"every checkpoint in '{root}' fails verification (see the warnings above); resume "
+                            "from a copy you trust with resume=<path>, or start a new run")
+        return None
     path = Path(resume).expanduser()
     if not path.is_absolute() and not path.exists():
         path = root / resume
     if not path.is_dir():
         raise UserError(f"resume='{resume}' is not a checkpoint folder (looked at '{path}'); "
                         "use resume=latest or the path of a checkpoints/checkpoint-N folder")
-    if not is_complete(path):
-        raise UserError(f"checkpoint '{path}' is incomplete or corrupt (its manifest does not match its files); "
-                        "resume from another one, e.g. resume=latest")
+    problem = verify(path)
+    if problem is not None:
+        raise UserError(f"checkpoint '{path}' is incomplete or corrupt ({problem}); resume from another one, "
+                        "e.g. resume=latest (the newest checkpoint that verifies)")
     return path
 
 

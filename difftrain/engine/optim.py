@@ -32,5 +32,7 @@ def build_lr_scheduler(options, optimizer, max_steps: int):
     from diffusers.optimization import get_scheduler
 
     kwargs = {key: getattr(options, key) for key in ("num_cycles", "power") if hasattr(options, key)}
-    warmup = options.warmup_steps if options.name != "constant" else None
+    from difftrain.config.rule_helpers import warmup_steps
+
+    warmup = warmup_steps(options.warmup_steps, max_steps) if options.name != "constant" else None
     return get_scheduler(options.name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps, **kwargs)

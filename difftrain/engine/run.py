@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from difftrain.engine import checkpoint as ckpt
+from difftrain.engine.preemption import Preempted, requeue_slurm_job, requeued_slurm_job
 from difftrain.engine.run_files import config_changes, default_run_dir, prepare_run_dir
-from difftrain.errors import UserError
+from difftrain.errors import UserError, warn
 
 
 def choose_run_dir(cfg: dict, accelerator, fallback: Path | None = None) -> Path:
@@ -63,6 +64,10 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     started = time.perf_counter()
     accelerator = make_accelerator(cfg)
     run_dir = choose_run_dir(cfg, accelerator, fallback_dir)
+    if not cfg["resume"] and requeued_slurm_job() and (run_dir / "config.yaml").is_file():
+        if accelerator.is_main_process:
+            warn(f"this SLURM job was requeued: continuing the run in '{run_dir}' from its latest checkpoint")
+        cfg = {**cfg, "resume": "latest"}
     resume_from = None
     if cfg["resume"]:
         if not run_dir.is_dir():
@@ -85,7 +90,12 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     if accelerator.is_main_process:  # only once everything is built: a load error leaves no "run" behind
         _write_config(run_dir, cfg)
     start_step = trainer.step
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Preempted as stopped:
+        if accelerator.is_main_process:
+            stopped.args = (str(stopped) + requeue_slurm_job(),)
+        raise
     summary = {"run_dir": str(run_dir), "steps": trainer.step, "resumed_from_step": start_step or None,
                "seconds": round(time.perf_counter() - started, 2), "world_size": accelerator.num_processes}
     model = parts.strategy.eval_copy()  # every rank: under ZeRO-3 this gathers the weights to rank 0

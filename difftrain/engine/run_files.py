@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -11,7 +12,8 @@ from difftrain.errors import UserError
 
 # keys that may differ between a run and its resume without changing what is trained
 RESUME_MAY_CHANGE = ("resume", "output_dir", "trainer.max_steps", "trainer.checkpoint_every",
-                     "trainer.checkpoints_total_limit", "trainer.validate_every", "trainer.log_every",
+                     "trainer.checkpoints_total_limit", "trainer.checkpoint_on_signals",
+                     "trainer.checkpoint_every_minutes", "trainer.validate_every", "trainer.log_every",
                      "trainer.progress", "trainer.num_workers", "trainer.prefetch_factor", "data.cache_dir",
                      "validation", "eval")
 
@@ -25,7 +27,14 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
     if (run_dir / "config.yaml").exists() and not resuming:
         raise UserError(f"output_dir '{run_dir}' already holds a run; continue it with "
                         f"output_dir={run_dir} resume=latest, or choose a new output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output_dir '{run_dir}' cannot be created or written ({exc.strerror or exc}); choose a "
+                        "folder you can write to (output_dir=...) or fix its permissions") from None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

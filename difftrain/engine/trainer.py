@@ -17,6 +17,8 @@ import torch
 
 from difftrain.components.seeding import seed_for
 from difftrain.engine import checkpoint as ckpt
+from difftrain.engine.disk import guarded_save
+from difftrain.engine.preemption import Preempted, StopRequests
 from difftrain.engine.run_files import MetricsLog, Progress
 from difftrain.errors import TrainingDiverged, UserError
 
@@ -76,6 +78,8 @@ class Trainer:
         t = self.options
         metrics = MetricsLog(self.run_dir, self.is_main, resume_step=self.step if self.step else None)
         progress = Progress(t["max_steps"], self.step, self.is_main and t["progress"])
+        stops = StopRequests(t["checkpoint_on_signals"], t["checkpoint_every_minutes"], self.is_main)
+        stops.install()
         try:
             while self.step < t["max_steps"]:
                 loss, grad_norm = self.train_step()
@@ -90,9 +94,15 @@ class Trainer:
                 progress.update(self.step, loss, self.lr)
                 if (t["validate_every"] and self.step % t["validate_every"] == 0) or last:
                     self.validate(metrics)
-                if (t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0) or last:
+                stop, timed = stops.due(self.accelerator)  # a signal or the timer: the same on every rank
+                if (t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0) or last or stop or timed:
                     self.save()
+                    stops.saved()
+                if stop and not last:
+                    raise Preempted(f"{stops.received} received: stopped after step {self.step} and wrote "
+                                    f"checkpoint-{self.step}; continue with output_dir={self.run_dir} resume=latest")
         finally:
+            stops.restore()
             self.parts.stream.close()
             progress.stop()
             metrics.close()
@@ -131,8 +141,10 @@ class Trainer:
         """A transaction (engine/checkpoint.py); collective: every rank takes part, rank 0 publishes."""
         root = self.run_dir / "checkpoints"
         self.accelerator.wait_for_everyone()
+        return guarded_save(root, self.step, self.accelerator, self._write_checkpoint)
+
+    def _write_checkpoint(self, root: Path, tmp: Path) -> Path | None:
         final = None
-        tmp = ckpt.begin(root, self.step) if self.is_main else ckpt.tmp_dir_for(root, self.step)
         self.strategy.save(tmp)  # weights + optimizer state
         if self.is_main:
             ckpt.write_torch(tmp, "lr_scheduler.pt", self.lr_scheduler.state_dict())
@@ -147,7 +159,6 @@ class Trainer:
             })
             final = ckpt.publish(root, tmp, self.step)
             ckpt.prune(root, self.options["checkpoints_total_limit"], protect=final)
-        self.accelerator.wait_for_everyone()
         return final
 
     def load(self, path: Path) -> None:

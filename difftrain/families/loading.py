@@ -39,14 +39,48 @@ class Source:
                 "with HF_HUB_OFFLINE=1")
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_reachable() -> bool:
+    """False when HF_HUB_OFFLINE is set or the Hub's host does not answer within HUB_PROBE_TIMEOUT_S (instead
+    of huggingface_hub's retries: ~40 s before the first error without network)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_source(pretrained: str, revision: str | None = None, variant: str | None = None) -> Source:
+    """A local folder, a hub id, or (offline or the Hub unreachable) the hub id's snapshot in the local cache."""
     local = Path(pretrained).expanduser()
     if local.is_dir():
         return Source(pretrained, str(local.absolute()), revision, variant, True)
     if local.exists() or looks_like_path(pretrained):
         raise UserError(f"model.pretrained '{pretrained}' is not a folder; give a diffusers pipeline folder "
                         f"({LAYOUT_HINT}) or a hub id such as org/name")
-    return Source(pretrained, pretrained, revision, variant, False)
+    if hub_reachable():
+        return Source(pretrained, pretrained, revision, variant, False)
+    from huggingface_hub import snapshot_download
+
+    try:
+        cached = snapshot_download(pretrained, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 (LocalEntryNotFoundError, invalid ids, ...)
+        raise UserError(f"model.pretrained='{pretrained}' is a hub id, but the Hugging Face Hub cannot be reached "
+                        "(no network, or HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache; pass a "
+                        "local pipeline folder (model.pretrained=/path/to/folder), or download it once where there "
+                        f"is network (huggingface-cli download {pretrained}) and point HF_HOME at that cache") from None
+    return Source(pretrained, cached, revision, variant, True)
 
 
 def read_model_index(source: Source, expected: tuple[str, ...], family: str) -> dict:
@@ -70,7 +104,8 @@ def read_model_index(source: Source, expected: tuple[str, ...], family: str) -> 
                             f"({_first_line(exc)}); {source.hint()}") from None
     cls = index.get("_class_name")
     if cls not in expected:
-        others = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionPipeline": "sd15"}
+        others = {"StableDiffusion3Pipeline": "sd3", "StableDiffusionPipeline": "sd15",
+                  "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux"}
         better = f"; use model={others[cls]}" if cls in others else ""
         raise UserError(f"{source.describe()} is a {cls} pipeline, but model={family} trains "
                         f"{' or '.join(expected)}{better}")

@@ -78,6 +78,22 @@ def export_scheduler_sd15(inference_scheduler, schedule):
     return type(inference_scheduler).from_config(inference_scheduler.config, **overrides)
 
 
+def ddpm_training_schedule(inference_scheduler, configured):
+    """DDPMScheduler on the pipeline scheduler's betas with the configured prediction type (and zero terminal
+    SNR): the training schedule of the UNet families (sd15, sdxl)."""
+    from diffusers import DDPMScheduler
+
+    from difftrain.components.noise_schedules import schedule_from_scheduler
+
+    overrides = {"prediction_type": configured.prediction_type}
+    if configured.scheduler.config.get("rescale_betas_zero_snr"):
+        overrides["rescale_betas_zero_snr"] = True
+    scheduler = DDPMScheduler.from_config(inference_scheduler.config, **overrides)
+    schedule = schedule_from_scheduler(scheduler, configured.prediction_type)
+    schedule.precondition_outputs = False
+    return schedule
+
+
 class SD15Family(ForwardsToLatentTextToImage):
     """ModelFamily of model=sd15 (registry target); LatentTextToImage does the shared work."""
 
@@ -100,17 +116,7 @@ class SD15Family(ForwardsToLatentTextToImage):
 
     def training_schedule(self, configured):
         """DDPM on the pipeline's betas with the configured prediction type (and zero terminal SNR)."""
-        from diffusers import DDPMScheduler
-
-        from difftrain.components.noise_schedules import schedule_from_scheduler
-
-        overrides = {"prediction_type": configured.prediction_type}
-        if configured.scheduler.config.get("rescale_betas_zero_snr"):
-            overrides["rescale_betas_zero_snr"] = True
-        scheduler = DDPMScheduler.from_config(self.t2i.inference_scheduler.config, **overrides)
-        schedule = schedule_from_scheduler(scheduler, configured.prediction_type)
-        schedule.precondition_outputs = False
-        return schedule
+        return ddpm_training_schedule(self.t2i.inference_scheduler, configured)
 
     @classmethod
     def size_multiple_of(cls, options) -> int:

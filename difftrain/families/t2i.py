@@ -93,6 +93,7 @@ class T2ISpec:
     # per-sample conditioning from the data batch (e.g. SDXL's add_time_ids from "original_sizes",
     # "crop_offsets", "target_size"): batch -> {name: tensor}, merged into the conditioning kwargs
     batch_conditioning: Callable[[dict], dict] | None = None
+    vae_dtype: torch.dtype | None = None       # the VAE's dtype; None = the weight dtype (SDXL's VAE: fp32)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class LatentTextToImage:
         self.module = T2IModule(parts.denoiser, spec.encode, spec.call_denoiser)
         self.lora = None
         self.accelerator = None
-        self.weight_dtype = torch.float32
+        self.weight_dtype = self.vae_dtype = torch.float32
         self.size: tuple[int, int] | None = None     # (h, w) of validation images: the data's most common bucket
         self.latent_cache = None                       # data.cache.ShardReader once built
         self.text_cache = None
@@ -172,7 +173,8 @@ class LatentTextToImage:
         self._check_sizes(data.plan.buckets)
         self.lora = lora
         denoiser = self.module.denoiser
-        cast(self.vae.requires_grad_(False), device, dtype)
+        self.vae_dtype = self.spec.vae_dtype or dtype
+        cast(self.vae.requires_grad_(False), device, self.vae_dtype)
         for encoder in self.frozen_encoders.values():
             cast(encoder.requires_grad_(False), None, dtype)
         if lora is None:
@@ -242,7 +244,7 @@ class LatentTextToImage:
             params = batch["latents"].to(device)
         else:
             with torch.no_grad():
-                pixels = batch["pixels"].to(device=device, dtype=self.weight_dtype)
+                pixels = batch["pixels"].to(device=device, dtype=self.vae_dtype)
                 params = self.vae.encode(pixels).latent_dist.parameters
         x0 = self.sample_latents(params.float(), generator)
         captions = batch["captions"]

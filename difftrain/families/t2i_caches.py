@@ -38,7 +38,7 @@ def encode_latents(vae, pixels: torch.Tensor, device, dtype: torch.dtype) -> tor
 def build_latent_cache(t2i, data, options, source: dict):
     """The latent cache of `data` (built where missing, split across ranks); the data serves it from now on."""
     samples, flips = data.samples, bool(data.random_flip)
-    device, dtype, batch_size = t2i.accelerator.device, t2i.weight_dtype, options.batch_size
+    device, dtype, batch_size = t2i.accelerator.device, t2i.vae_dtype, options.batch_size
 
     def compute(items: list[int]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

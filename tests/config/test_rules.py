@@ -102,6 +102,15 @@ CASES = [
      ["model=sd15 needs RGB images: data.channels must be 3"]),
     ("latent_resolution_multiple_of_8", [*SD3, "data.resolution=30"],
      ["data.resolution (30) must be a multiple of 8 for model=sd3 (the VAE works on 8x8 patches)"]),
+    ("replacement_vae_is_a_folder_or_hub_id", ["model=sdxl", "model.pretrained=<pipe>", "data=imagefolder",
+                                               "data.path=<images>", "data.resolution=512", "model.vae=<file>"],
+     ["model.vae '<file>' is not a folder: give an AutoencoderKL folder (vae.save_pretrained), a pipeline folder, a "
+      "hub id such as madebyollin/sdxl-vae-fp16-fix, or model.vae=null for the pipeline's own VAE"]),
+    ("replacement_vae_is_a_folder_or_hub_id", ["model=sdxl", "model.pretrained=<pipe>", "data=imagefolder",
+                                               "data.path=<images>", "data.resolution=512", "model.vae=<images>"],
+     ["model.vae '<images>' has no config.json (nor vae/config.json): give an AutoencoderKL folder "
+      "(vae.save_pretrained), a pipeline folder, a hub id such as madebyollin/sdxl-vae-fp16-fix, or model.vae=null "
+      "for the pipeline's own VAE"]),
     ("imagefolder_path_is_a_folder", ["data=imagefolder"],
      ["data.path is required for data=imagefolder: add data.path=/path/to/images"]),
     ("imagefolder_path_is_a_folder", ["data=imagefolder", "data.path=<missing>"],
@@ -133,7 +142,11 @@ CASES = [
       "lora.text_encoder_target_modules must name at least one module"]),
     ("adam_betas", ["optimizer.betas=[0.9,1.0]"], ["optimizer.betas must be two numbers in [0, 1), got [0.9, 1.0]"]),
     ("warmup_within_max_steps", ["lr_scheduler.warmup_steps=2001"],
-     ["lr_scheduler.warmup_steps (2001) exceeds trainer.max_steps (2000)"]),
+     ["lr_scheduler.warmup_steps (2001) exceeds trainer.max_steps (2000); use a fraction such as "
+      "lr_scheduler.warmup_steps=0.05 to scale with the run"]),
+    ("warmup_within_max_steps", ["lr_scheduler.warmup_steps=2.5"],
+     ["lr_scheduler.warmup_steps=2.5: give a fraction of trainer.max_steps below 1 (e.g. 0.05) or a whole number "
+      "of steps"]),
     ("constant_lr_has_no_warmup", ["lr_scheduler=constant", "lr_scheduler.warmup_steps=10"],
      ["lr_scheduler=constant ignores lr_scheduler.warmup_steps (10): use lr_scheduler=constant_with_warmup "
       "lr_scheduler.warmup_steps=10"]),

@@ -151,5 +151,6 @@ def test_cli_unreachable_hub_id_is_one_paragraph(tmp_path, images):
                   cwd=tmp_path, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"))
     assert result.returncode == 2, result.stderr[-2000:]
     text = " ".join(result.stderr.split())
-    assert "could not read model.pretrained='difftrain-tests/not-a-model' from the Hugging Face Hub" in text
+    assert ("model.pretrained='difftrain-tests/not-a-model' is a hub id, but the Hugging Face Hub cannot be reached "
+            "(no network, or HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache") in text
     assert "Traceback" not in result.stderr + result.stdout
