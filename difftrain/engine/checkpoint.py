@@ -1,7 +1,7 @@
 """Transactional checkpoints.
 
 A checkpoint is written into `checkpoints/.checkpoint-N.tmp/`, every file is flushed and fsynced,
-a manifest (file names, sizes and CRC-32 checksums) is written last, and only then is the folder renamed to
+a manifest (file names, sizes and checksums: xxh3, or CRC-32 without the xxhash package) is written last, and only then is the folder renamed to
 `checkpoints/checkpoint-N`. "Complete" means the manifest's sizes match the files (cheap: listing and
 pruning use it), "verified" that their checksums match too (resume verifies the checkpoint it loads;
 `resume=latest` falls back to the newest one that verifies, with a warning naming the ones it skipped).
@@ -21,12 +21,27 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from difftrain.data.cache import file_crc32  # CRC-32 in 8 MB chunks (zlib: about 1 GB/s)
+from difftrain.data.cache import checksum_matches, file_checksum
 from difftrain.errors import UserError, warn
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: the manifest has "crc32" (format 1 manifests are checked by size only)
+FORMAT_VERSION = 2  # 2: the manifest has "checksums" (format 1 manifests are checked by size only)
+_HASHING: dict[str, object] = {}  # path -> Future of its checksum, started as soon as a file is written
+
+
+def _hash_soon(path: Path) -> None:
+    """Checksum a just-written file in a background thread (the hash releases the GIL), overlapping it with the
+    next writes and the fsyncs; `publish` collects the result."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="difftrain-checksum")
+    _HASHING[str(path)] = _POOL.submit(file_checksum, path)
+
+
+_POOL = None
 
 
 
@@ -54,6 +69,8 @@ def tmp_dir_for(root: Path, step: int) -> Path:
 def begin(root: Path, step: int) -> Path:
     """Fresh temporary folder for checkpoint `step` (a stale one from a killed run is removed)."""
     tmp = tmp_dir_for(root, step)
+    for stale in [k for k in _HASHING if k.startswith(f"{tmp}{os.sep}")]:  # from a save that failed
+        _HASHING.pop(stale)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -63,10 +80,12 @@ def begin(root: Path, step: int) -> Path:
 def write_tensors(tmp: Path, filename: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(cpu, str(tmp / filename), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    _hash_soon(tmp / filename)
 
 
 def write_torch(tmp: Path, filename: str, obj) -> None:
     torch.save(obj, tmp / filename)
+    _hash_soon(tmp / filename)
 
 
 def publish(root: Path, tmp: Path, step: int, extra: dict | None = None) -> Path:
@@ -79,7 +98,7 @@ def publish(root: Path, tmp: Path, step: int, extra: dict | None = None) -> Path
         _fsync_dir(sub)
     manifest = {"format": FORMAT_VERSION, "step": step,
                 "files": {name: (tmp / name).stat().st_size for name in files},
-                "crc32": {name: file_crc32(tmp / name) for name in files}, **(extra or {})}
+                "checksums": {name: _checksum(tmp / name) for name in files}, **(extra or {})}
     write_json(tmp / MANIFEST, manifest)
     _fsync_file(tmp / MANIFEST)
     _fsync_dir(tmp)
@@ -96,6 +115,12 @@ def publish(root: Path, tmp: Path, step: int, extra: dict | None = None) -> Path
     return final
 
 
+def _checksum(path: Path) -> str:
+    """The background checksum of a file written through this module, else computed now."""
+    future = _HASHING.pop(str(path), None)
+    return future.result() if future is not None else file_checksum(path)
+
+
 def is_complete(path: Path) -> bool:
     """True if the manifest exists and every listed file has its recorded size."""
     try:
@@ -109,7 +134,7 @@ def verify(path: Path) -> str | None:
     """None when every file of the checkpoint has its recorded size and checksum, else what is wrong."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        files, sums = manifest["files"], manifest.get("crc32", {})
+        files, sums = manifest["files"], manifest.get("checksums", {})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"no readable {MANIFEST} ({type(exc).__name__})"
     for name, size in files.items():
@@ -117,7 +142,7 @@ def verify(path: Path) -> str | None:
         try:
             if file.stat().st_size != size:
                 return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
-            if name in sums and file_crc32(file) != sums[name]:
+            if name in sums and not checksum_matches(file, sums[name]):
                 return f"{name} does not match its checksum (the file changed after it was written)"
         except OSError as exc:
             return f"{name} cannot be read ({exc.strerror or exc})"
