@@ -339,3 +339,25 @@ def test_a_short_run_needs_one_override():
     cfg = validate(compose_config(["trainer.max_steps=20"]))
     assert warmup_steps(cfg["lr_scheduler"]["warmup_steps"], 20) == 1
     assert warmup_steps(0.05, 2000) == 100  # the default run keeps its 100 warm-up steps
+
+
+def test_a_real_full_disk_keeps_the_earlier_checkpoint(tmp_path):
+    """A real tmpfs of 1.4 MB (root only; skipped elsewhere): checkpoint-1 (~0.8 MB) fits, checkpoint-2 does not."""
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        code, out = cli("train", *RUN, "trainer.max_steps=3", f"output_dir={disk / 'run'}")
+        flat = " ".join(out.split())
+        assert code == 2 and "Traceback" not in out, out[-3000:]
+        assert "writing checkpoint-2" in flat and "the disk is full" in flat and "checkpoint-1" in flat
+        from difftrain.engine import checkpoint as ckpt
+
+        kept = ckpt.complete_checkpoints(disk / "run" / "checkpoints")
+        assert [s for s, _ in kept] == [1] and ckpt.verify(kept[0][1]) is None
+        assert not list((disk / "run").rglob(".checkpoint-*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -24,7 +24,9 @@ DISK_TEXTS = {
     "code: 122": "the disk quota is exceeded", "permission denied": "permission denied", "code: 13": "permission denied",
     "read-only file system": "the file system is read-only", "code: 30": "the file system is read-only",
     "file write failed": "a write failed (is the disk full?)", "unexpected pos": "a write failed (is the disk full?)",
+    "iostream error": "a write failed (is the disk full?)",  # torch.save on a full disk (found on a real tmpfs)
 }
+NEARLY_FULL = 64 << 20  # a write error of any wording with less than this free is a full disk
 
 
 def human(size: float) -> str:
@@ -35,13 +37,16 @@ def human(size: float) -> str:
     return f"{size:.1f} TB"
 
 
-def disk_problem(exc: BaseException) -> str | None:
-    """What a failed write means for the user, or None when it is not a disk problem."""
+def disk_problem(exc: BaseException, folder: Path) -> str | None:
+    """What a failed write into `folder` means for the user, or None when it is not a disk problem."""
     for e in (exc, exc.__cause__, exc.__context__):
         if isinstance(e, OSError) and e.errno in DISK_ERRORS:
             return DISK_ERRORS[e.errno]
     text = str(exc).lower()
-    return next((meaning for needle, meaning in DISK_TEXTS.items() if needle in text), None)
+    meaning = next((meaning for needle, meaning in DISK_TEXTS.items() if needle in text), None)
+    if isinstance(exc, (OSError, RuntimeError)) and free_bytes(folder) < NEARLY_FULL:
+        return "the disk is full"
+    return meaning
 
 
 def checkpoint_size(path: Path) -> int:
@@ -75,7 +80,7 @@ def guarded_save(root: Path, step: int, accelerator, write: Callable[[Path, Path
             ckpt.begin(root, step)
         final = write(root, tmp)
     except Exception as exc:  # noqa: BLE001 (OSError, torch's RuntimeError, SafetensorError wrap the errno)
-        meaning = disk_problem(exc)
+        meaning = disk_problem(exc, root)
         if meaning is None:
             raise
         problem = (f"writing checkpoint-{step} into '{root}' failed: {meaning} ({str(exc).splitlines()[0][:200]}). "

@@ -50,3 +50,32 @@ def test_two_processes_with_buckets_and_caches_resume_exactly(tmp_path):
     keys = ("step", "loss", "lr", "grad_norm", "global_batch")
     assert [[r[k] for k in keys] for r in train_rows(run)] == [[r[k] for k in keys] for r in train_rows(part)]
     assert {r["global_batch"] for r in train_rows(run)} == {4}
+
+
+def test_two_processes_train_sdxl_lora_with_buckets_and_resume_exactly(tmp_path):
+    """model=sdxl (micro-conditioning from each rank's own bucket batches), LoRA, caches, 2 processes."""
+    from tiny_sdxl import build_sdxl, write_two_shapes
+
+    pipe = build_sdxl(tmp_path / "sdxl")
+    images = write_two_shapes(tmp_path / "photos", per_shape=4)
+    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+
+    def args(run):
+        return [*base, "model=sdxl", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={images}",
+                "data.resolution=32", "data.buckets=auto", "data.cache_latents=true", "lora=on",
+                "trainer.batch_size=2", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+                "trainer.checkpoints_total_limit=null", "validation.prompts=[a photo of a dog]",
+                "validation.num_images=1", "validation.steps=2", f"output_dir={run}"]
+
+    run = tmp_path / "run"
+    launch("torchrun", args(run), timeout=600)
+    assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
+    part = tmp_path / "part"
+    shutil.copytree(run, part)
+    shutil.rmtree(part / "final")
+    for step, path in ckpt.complete_checkpoints(part / "checkpoints"):
+        if step > 2:
+            shutil.rmtree(path)
+    launch("torchrun", args(part) + ["resume=latest"], timeout=600)
+    keys = ("step", "loss", "lr", "grad_norm", "global_batch")
+    assert [[r[k] for k in keys] for r in train_rows(run)] == [[r[k] for k in keys] for r in train_rows(part)]
