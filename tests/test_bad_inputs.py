@@ -361,3 +361,32 @@ def test_a_real_full_disk_keeps_the_earlier_checkpoint(tmp_path):
         assert not list((disk / "run").rglob(".checkpoint-*"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_timed_checkpoints(tmp_path):
+    code, out = cli("train", *TINY, "trainer.max_steps=3", "trainer.checkpoint_every=0",
+                    "trainer.checkpoints_total_limit=null", "trainer.checkpoint_every_minutes=0.000001",
+                    f"output_dir={tmp_path / 'run'}")
+    assert code == 0, out
+    from difftrain.engine import checkpoint as ckpt
+
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints")] == [1, 2, 3]
+
+
+def test_a_cached_hub_model_resolves_offline(tmp_path, monkeypatch):
+    """Offline, a hub id already in the local Hugging Face cache resolves to its snapshot folder."""
+    from huggingface_hub import constants
+
+    from difftrain.families.loading import resolve_source
+
+    snapshot = tmp_path / "hub" / "models--difftrain--tiny" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (tmp_path / "hub" / "models--difftrain--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--difftrain--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    started = time.perf_counter()
+    source = resolve_source("difftrain/tiny")
+    assert source.local and Path(source.location) == snapshot and source.pretrained == "difftrain/tiny"
+    assert time.perf_counter() - started < 5
