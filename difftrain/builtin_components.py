@@ -64,6 +64,9 @@ register("ema", "ema", f"{C}.ema_factory:build_ema", "EMA, diffusers schedule (1
 register("ema", "ema_warmup", f"{C}.ema_factory:build_ema",
          "EMA with power warm-up 1-(1+k/inv_gamma)^-power, power 0.75 (diffusers' unconditional script; "
          "preset of ema)", s.EMAConfig)
+register("ema", "posthoc", f"{C}.ema_factory:build_ema",
+         "post-hoc EMA (EDM2): power-function EMAs of sigma_rels, snapshotted for difftrain ema-synth/ema-sweep",
+         s.PostHocEMAConfig)
 
 # model, data, optimizer, lr_scheduler (engine side)
 register("model", "unet2d", f"{F}.unet2d:UNet2DFamily", "UNet2DModel, class-conditional, built or loaded",

@@ -55,10 +55,34 @@ class EMAFactory:
         return EMA(model, **self.options)
 
 
+@dataclass(frozen=True)
+class PostHocEMAFactory:
+    """`ema=posthoc`: a components.posthoc_ema.PostHocEMA (same interface as EMA; snapshots once bound to a run)."""
+
+    sigma_rels: tuple
+    snapshot_every: int
+    snapshot_dtype: str
+
+    def __call__(self, model: torch.nn.Module):
+        from difftrain.components.posthoc_ema import PostHocEMA
+
+        return PostHocEMA(model, self.sigma_rels, self.snapshot_every, self.snapshot_dtype)
+
+
 def build_ema(options) -> EMAFactory | None:
     """Registry target of the `ema` group (`options`: config/schema.py EMAConfig or EMAOffConfig)."""
     if options.name == "none":
         return None
+    if options.name == "posthoc":
+        from difftrain.components.posthoc_ema import SIGMA_REL_MAX
+        from difftrain.errors import UserError
+
+        values = list(options.sigma_rels)
+        if not values or len(set(values)) != len(values) or not all(0 < v <= SIGMA_REL_MAX for v in values):
+            raise UserError(f"ema.sigma_rels={values} must be one or more distinct values in (0, "
+                            f"{SIGMA_REL_MAX:.4f}] (the largest relative std a power-function EMA has); "
+                            "e.g. ema.sigma_rels=[0.05,0.1]")
+        return PostHocEMAFactory(tuple(options.sigma_rels), options.snapshot_every, options.snapshot_dtype)
     keys = dataclasses.asdict(options)
     del keys["name"]
     return EMAFactory(keys)

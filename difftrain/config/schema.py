@@ -118,6 +118,16 @@ class EMAConfig:
     offload: bool = opt(False, "keep the EMA weights in pinned CPU memory")
 
 
+@dataclass(frozen=True)
+class PostHocEMAConfig:
+    name: str = "posthoc"
+    sigma_rels: list[float] = opt(doc="relative std of each tracked power-function EMA profile (the first one "
+                                      "is the run's EMA weights); each in (0, 0.3]", factory=lambda: [0.05, 0.10])
+    snapshot_every: int = opt(500, "optimizer steps between snapshots of every profile (and one at the end)", ge=1)
+    snapshot_dtype: str = opt("fp32", "storage dtype of the snapshots in RUN_DIR/ema_snapshots",
+                              choices=("fp32", "bf16"))
+
+
 # ---- model / data ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class UNet2DConfig:

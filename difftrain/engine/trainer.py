@@ -33,6 +33,8 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.step, self.interval = 0, {"loss": 0.0, "count": 0, "time": time.perf_counter()}
+        if hasattr(self.ema, "bind_run"):  # ema=posthoc writes its snapshots into the run folder
+            self.ema.bind_run(run_dir, self.is_main, options["max_steps"])
         if resume_from is not None:
             self.load(resume_from)
 
