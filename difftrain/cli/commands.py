@@ -66,7 +66,8 @@ def latest_checkpoint_tensors(root: Path) -> dict:
         raise UserError(f"run '{root}' has neither final outputs nor a complete checkpoint to sample from")
     tensors = ckpt.read_tensors(latest, "model.safetensors")
     if (latest / "ema.safetensors").is_file():
-        tensors.update(ckpt.read_tensors(latest, "ema.safetensors"))
+        ema = ckpt.read_tensors(latest, "ema.safetensors")  # only the model's names (ema=posthoc also stores
+        tensors.update({k: v for k, v in ema.items() if k in tensors})  # its other profiles under profile<k>/)
     return tensors
 
 

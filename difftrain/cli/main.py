@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from difftrain.cli.console import print_error, print_stop, strip_local_rank  # the leaf module every cli module imports
+from difftrain.cli.console import (  # the leaf module every cli module imports
+    print_error,
+    print_stop,
+    strip_local_rank,
+)
 
 USAGE = """usage: difftrain <command> [args]
 
@@ -16,6 +20,8 @@ commands:
   report SWEEP_DIR       table, CSV and plots of a multirun sweep
   verify RUN_DIR         check every checkpoint and cache of a run against its checksums
   data-report [overrides]  buckets, counts, held-out and bad images of the data (also: train --dry-run)
+  ema-synth RUN_DIR      post-hoc EMA: models of any --sigma-rel from an ema=posthoc run's snapshots
+  ema-sweep RUN_DIR      post-hoc EMA: evaluate a range of --sigma-rel, CSV + plot, the best one
 """
 
 
@@ -54,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             from difftrain.cli.train import train_command
 
             return train_command(rest)
+        if command in ("ema-synth", "ema-sweep"):
+            from difftrain.cli import posthoc
+
+            return getattr(posthoc, f"{command.replace('-', '_')}_command")(rest)
         if command in ("components", "sample", "eval", "report"):
             from difftrain.cli import commands
 
@@ -64,5 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted; the last complete checkpoint is kept (resume=latest continues)")
         return 130
-    print_error(f"unknown command '{command}'; commands: train, sample, eval, components, report, data-report, verify")
+    print_error(f"unknown command '{command}'; commands: train, sample, eval, components, report, data-report, verify, "
+                "ema-synth, ema-sweep")
     return 2

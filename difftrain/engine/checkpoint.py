@@ -190,7 +190,7 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
     root = output_dir / "checkpoints"
     if resume == "latest":
         complete = complete_checkpoints(root)
-        for step, path in reversed(complete):
+        for _, path in reversed(complete):
             problem = verify(path)
             if problem is None:
                 return path

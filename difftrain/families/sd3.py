@@ -18,7 +18,13 @@ import torch
 
 from difftrain.families import lora as lora_io
 from difftrain.families.latent_family import ForwardsToLatentTextToImage
-from difftrain.families.loading import component_config, downsampling, load_component, read_model_index, resolve_source
+from difftrain.families.loading import (
+    component_config,
+    downsampling,
+    load_component,
+    read_model_index,
+    resolve_source,
+)
 from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts, pixel_multiple
 from difftrain.families.t2i_finished import FinishedPipeline
 

@@ -50,7 +50,7 @@ def test_absent_components_are_spelled_none_everywhere():
 def test_the_old_spelling_gets_the_options_and_a_hint():
     with pytest.raises(registry.UnknownComponentError) as info:
         registry.get("ema", "off")
-    assert str(info.value) == "unknown ema 'off'; registered ema options: none, ema, ema_warmup (renamed: use ema=none)"
+    assert str(info.value) == "unknown ema 'off'; registered ema options: none, ema, ema_warmup, posthoc (renamed: use ema=none)"
     with pytest.raises(ConfigError) as info:
         precheck(["lora=off"], multirun=False)
     assert info.value.errors == ["Could not find 'lora/off' Available options in 'lora': none on "
