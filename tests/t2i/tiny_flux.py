@@ -12,9 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_pipes import CAPTIONS, write_clip_tokenizer, write_t5_tokenizer
-
-SHAPES = ((40, 48), (64, 40))  # (h, w): with data.resolution=32 and data.buckets=auto -> 32x32 and 40x24 buckets
+from tiny_pipes import write_clip_tokenizer, write_t5_tokenizer
+from tiny_sdxl import write_two_shapes  # noqa: F401 (the same two-bucket folder as SDXL's tests; re-exported)
 
 DEV_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_image_seq_len": 16, "max_image_seq_len": 256,
                  "base_shift": 0.5, "max_shift": 1.15}
@@ -69,21 +68,3 @@ def flux_dir(kind: str, root: Path) -> Path:
     if kind not in _BUILT:
         _BUILT[kind] = build_flux(root / f"flux_{kind}", kind)
     return _BUILT[kind]
-
-
-def write_two_shapes(folder: Path, per_shape: int = 4) -> Path:
-    """2 * per_shape random RGB images of two aspect ratios, captioned in metadata.jsonl."""
-    import json
-
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(2 * per_shape):
-        name = f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (*SHAPES[i % 2], 3), dtype=np.uint8)).save(folder / name)
-        rows.append({"file_name": name, "text": CAPTIONS[i % len(CAPTIONS)]})
-    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return folder
