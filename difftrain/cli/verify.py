@@ -1,8 +1,9 @@
-"""`difftrain verify RUN_DIR`: check every checkpoint and cache of a run against its recorded checksums.
+"""`difftrain verify RUN_DIR`: check every checkpoint, cache and EMA snapshot of a run against its checksums.
 
-Checkpoints: the manifest's sizes and CRC-32 of every file (engine/checkpoint.py `verify`; a checkpoint
+Checkpoints: the manifest's sizes and checksum (xxh3, or CRC-32) of every file (engine/checkpoint.py `verify`; a checkpoint
 written before checksums existed is checked by size). Caches: every shard of each cache folder in the run's
-cache folder and in its `data.cache_dir` (data/cache.py `verify_cache`). Prints one table; exit status 0 when
+cache folder and in its `data.cache_dir` (data/cache.py `verify_cache`). EMA snapshots (ema=posthoc): the CRC of
+their tensors recorded in their metadata (engine/posthoc.py `read_snapshot`). Prints one table; exit status 0 when
 everything verifies, 1 otherwise (a damaged checkpoint is skipped by resume=latest; a damaged cache folder
 can be deleted, the next run rebuilds it).
 """
@@ -44,6 +45,16 @@ def verify_command(args: list[str]) -> int:
     root = run / "checkpoints"
     for path in sorted(root.glob("checkpoint-*") if root.is_dir() else [], key=lambda p: (len(p.name), p.name)):
         rows.append(("checkpoint", path.name, ckpt.verify(path)))
+    snapshots = run / "ema_snapshots"
+    if snapshots.is_dir():  # ema=posthoc
+        from difftrain.engine.posthoc import read_snapshot
+
+        for path in sorted(snapshots.glob("*.safetensors")):
+            try:
+                read_snapshot(path)
+                rows.append(("ema snapshot", path.name, None))
+            except ValueError as exc:
+                rows.append(("ema snapshot", path.name, str(exc)))
     for folder in _cache_folders(run):
         for cache in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.split("-")[0] in ("latents", "text")):
             rows.append(("cache", str(cache.relative_to(run)) if cache.is_relative_to(run) else str(cache),

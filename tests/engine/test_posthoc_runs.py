@@ -29,7 +29,7 @@ def _snapshots(run):
     return found
 
 
-def test_posthoc_run_snapshots_resumes_bitwise_and_synthesises(tmp_path):
+def test_posthoc_run_snapshots_resumes_bitwise_and_synthesises(tmp_path, capsys, monkeypatch):
     from diffusers import UNet2DModel
 
     from difftrain.engine.run import run_training
@@ -74,6 +74,17 @@ def test_posthoc_run_snapshots_resumes_bitwise_and_synthesises(tmp_path):
     rows = (sweep / "ema_sweep.csv").read_text().splitlines()
     assert rows[0].startswith("sigma_rel,gamma,step,val_loss") and len(rows) == 4
     assert json.loads((sweep / "ema_sweep.json").read_text())["best"]["sigma_rel"] in (0.05, 0.1, 0.15)
+
+    # difftrain verify checks the snapshots too: all fine, then one with flipped bits is named
+    assert main(["verify", str(full)]) == 0
+    victim = sorted((full / "ema_snapshots").glob("*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-8] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "250")  # a rich table one row per line
+    assert main(["verify", str(full)]) == 1
+    assert victim.name in capsys.readouterr().out
 
 
 def test_ema_synth_user_errors(tmp_path, capsys):
