@@ -59,6 +59,20 @@ def launch(kind: str, args: list[str], *, script: Path | None = None, expect: in
     return proc
 
 
+def killed_after(src: Path, dst: Path, keep_step: int) -> Path:
+    """A copy of a finished run as if it had been killed right after checkpoint `keep_step`."""
+    import shutil
+
+    from difftrain.engine import checkpoint as ckpt
+
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "final")
+    for step, path in ckpt.complete_checkpoints(dst / "checkpoints"):
+        if step > keep_step:
+            shutil.rmtree(path)
+    return dst
+
+
 def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 

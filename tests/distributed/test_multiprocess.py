@@ -12,13 +12,12 @@ differs: the LR curve, the global batch, and every number of a resumed run.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import ONE, TWO, TWO_PROC, launch, metrics, train_rows
+from dist_helpers import ONE, TWO, TWO_PROC, killed_after, launch, metrics, train_rows
 from safetensors.torch import load_file
 
 from difftrain.engine import checkpoint as ckpt
@@ -29,16 +28,6 @@ MEAN_LOSS_TOLERANCE = 0.12
 
 def _weights(run: Path, sub: str = "unet") -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / sub / "diffusion_pytorch_model.safetensors"))
-
-
-def _truncate(src: Path, dst: Path, keep_step: int) -> Path:
-    """A copy of a finished run as if it had been killed right after checkpoint `keep_step`."""
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "final")
-    for step, path in ckpt.complete_checkpoints(dst / "checkpoints"):
-        if step > keep_step:
-            shutil.rmtree(path)
-    return dst
 
 
 def _same_rows(a: Path, b: Path) -> None:
@@ -103,7 +92,7 @@ def test_lr_curve_identical_and_loss_close_to_one_process(ddp_run, one_proc_run)
 def test_resume_with_same_world_size_is_exact(ddp_run, tmp_path):
     """Killed after checkpoint 4, resumed with torchrun (2 processes): every logged number and weight equal."""
     full = ddp_run[1][0]
-    part = _truncate(full, tmp_path / "part", keep_step=4)
+    part = killed_after(full, tmp_path / "part", keep_step=4)
     launch("torchrun", [*TWO_PROC, f"output_dir={part}", "resume=latest"])
     _same_rows(full, part)
 
@@ -115,7 +104,7 @@ def test_resume_with_other_world_size_is_refused(ddp_run, tmp_path, capsys, monk
 
     from difftrain.cli.main import main
 
-    part = _truncate(ddp_run[1][0], tmp_path / "part", keep_step=8)
+    part = killed_after(ddp_run[1][0], tmp_path / "part", keep_step=8)
     before = {p: p.stat().st_mtime_ns for p in (part / "checkpoints").rglob("*") if p.is_file()}
     monkeypatch.setattr("sys.argv", ["difftrain"])
     try:
@@ -152,7 +141,7 @@ def test_zero2_checkpoints_are_written_by_every_rank(zero2_run):
 
 
 def test_zero2_resume_is_exact(zero2_run, tmp_path):
-    part = _truncate(zero2_run, tmp_path / "part", keep_step=4)
+    part = killed_after(zero2_run, tmp_path / "part", keep_step=4)
     launch("torchrun", [*TWO_PROC, "distributed=deepspeed_zero2", f"output_dir={part}", "resume=latest"])
     _same_rows(zero2_run, part)
 
@@ -164,7 +153,7 @@ def test_zero2_run_cannot_be_resumed_with_ddp(zero2_run, tmp_path):
     from difftrain.engine.run import run_training
     from difftrain.errors import UserError
 
-    part = _truncate(zero2_run, tmp_path / "part", keep_step=8)
+    part = killed_after(zero2_run, tmp_path / "part", keep_step=8)
     with pytest.raises((UserError, ConfigError), match="distributed"):
         run_training(tiny_config(part, *TWO, "resume=latest"))
     assert len(metrics(part)) == len(metrics(zero2_run))  # nothing appended

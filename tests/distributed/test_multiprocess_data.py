@@ -5,30 +5,17 @@ shared, and a resume from a checkpoint repeats the run exactly."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import pytest
-from dist_helpers import REPO, TINY, launch, train_rows
+from dist_helpers import REPO, TINY, killed_after, launch, train_rows
 
 sys.path.insert(0, str(REPO / "tests" / "t2i"))
 sys.path.insert(0, str(REPO / "tests" / "data"))
 from mixed_images import write_mixed  # noqa: E402
 from tiny_pipes import pipeline_dir  # noqa: E402
 
-from difftrain.engine import checkpoint as ckpt  # noqa: E402
-
 pytestmark = pytest.mark.slow
-
-
-def _killed_after(src, dst, keep_step: int):
-    """A copy of a finished run as if it had been killed right after checkpoint `keep_step`."""
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "final")
-    for step, path in ckpt.complete_checkpoints(dst / "checkpoints"):
-        if step > keep_step:
-            shutil.rmtree(path)
-    return dst
 
 
 def _args(pipe, images, run):
@@ -50,7 +37,7 @@ def test_two_processes_with_buckets_and_caches_resume_exactly(tmp_path):
     assert len(buckets) > 1 and sum(buckets.values()) == 24
     latents = [p for p in (run / "cache").glob("latents-*") if p.is_dir()]
     assert len(latents) == 1 and (latents[0] / "manifest.json").is_file()
-    part = _killed_after(run, tmp_path / "part", keep_step=2)
+    part = killed_after(run, tmp_path / "part", keep_step=2)
     launch("torchrun", _args(pipe, images, part) + ["resume=latest"], timeout=600)
     keys = ("step", "loss", "lr", "grad_norm", "global_batch")
     assert [[r[k] for k in keys] for r in train_rows(run)] == [[r[k] for k in keys] for r in train_rows(part)]
@@ -75,7 +62,7 @@ def test_two_processes_train_sdxl_lora_with_buckets_and_resume_exactly(tmp_path)
     run = tmp_path / "run"
     launch("torchrun", args(run), timeout=600)
     assert (run / "final" / "pytorch_lora_weights.safetensors").is_file()
-    part = _killed_after(run, tmp_path / "part", keep_step=2)
+    part = killed_after(run, tmp_path / "part", keep_step=2)
     launch("torchrun", args(part) + ["resume=latest"], timeout=600)
     keys = ("step", "loss", "lr", "grad_norm", "global_batch")
     assert [[r[k] for k in keys] for r in train_rows(run)] == [[r[k] for k in keys] for r in train_rows(part)]
