@@ -32,6 +32,7 @@ from difftrain.families.loading import (
     read_model_index,
     resolve_source,
 )
+from difftrain.families.sd3 import flow_training_schedule
 from difftrain.families.t2i import LatentTextToImage, T2ISpec, pipeline_parts, pixel_multiple
 from difftrain.families.t2i_finished import FinishedPipeline
 
@@ -154,18 +155,11 @@ class FluxFamily(ForwardsToLatentTextToImage):
     def training_schedule(self, configured):
         """The pipeline's flow-matching scheduler: per latent size the shift inference uses when it shifts
         dynamically (FLUX.1-dev), else its static shift; only precondition_outputs is configured."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         from difftrain.components.flow_shift import ResolutionShiftedFlowSchedule
-        from difftrain.components.noise_schedules import schedule_from_scheduler
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.t2i.inference_scheduler.config)
-        if scheduler.config.get("use_dynamic_shifting"):
-            schedule = ResolutionShiftedFlowSchedule(scheduler, packed_tokens)
-        else:
-            schedule = schedule_from_scheduler(scheduler)
-        schedule.precondition_outputs = bool(configured.precondition_outputs)
-        return schedule
+        dynamic = self.t2i.inference_scheduler.config.get("use_dynamic_shifting")
+        per_size = (lambda scheduler: ResolutionShiftedFlowSchedule(scheduler, packed_tokens)) if dynamic else None
+        return flow_training_schedule(self.t2i.inference_scheduler, configured, per_size)
 
     @classmethod
     def size_multiple_of(cls, options) -> int:

@@ -105,6 +105,20 @@ def export_scheduler_sd3(inference_scheduler, schedule):
     return type(inference_scheduler).from_config(inference_scheduler.config)
 
 
+def flow_training_schedule(inference_scheduler, configured, schedule_class=None):
+    """The pipeline's flow-matching scheduler (its shift) as a training schedule; only
+    `configured.precondition_outputs` is configured. `schedule_class(scheduler)` replaces the plain schedule
+    (FLUX.1's per-resolution shift)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from difftrain.components.noise_schedules import schedule_from_scheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(inference_scheduler.config)
+    schedule = schedule_class(scheduler) if schedule_class is not None else schedule_from_scheduler(scheduler)
+    schedule.precondition_outputs = bool(configured.precondition_outputs)
+    return schedule
+
+
 class SD3Family(ForwardsToLatentTextToImage):
     """ModelFamily of model=sd3 (registry target); LatentTextToImage does the shared work."""
 
@@ -133,15 +147,7 @@ class SD3Family(ForwardsToLatentTextToImage):
         self.module = self.t2i.module
 
     def training_schedule(self, configured):
-        """The pipeline's flow-matching scheduler (its shift); only precondition_outputs is configured."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from difftrain.components.noise_schedules import schedule_from_scheduler
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.t2i.inference_scheduler.config)
-        schedule = schedule_from_scheduler(scheduler)
-        schedule.precondition_outputs = bool(configured.precondition_outputs)
-        return schedule
+        return flow_training_schedule(self.t2i.inference_scheduler, configured)
 
     @classmethod
     def size_multiple_of(cls, options) -> int:
