@@ -2,11 +2,16 @@
 
     python benchmarks/ema.py                      # ~100M fp32 params over 500 tensors
     python benchmarks/ema.py --params 5e6         # quick run
+    OMP_NUM_THREADS=1 python benchmarks/ema.py --threads 1   # one core (docs/performance.md)
 
 The floor is one `a.add_(b)` over a single flat tensor holding as many elements as the model: two streams
 read, one written, which is the least traffic any EMA update `s <- d*s + (1-d)*p` can do. The "flat lerp_"
 row is the same single-tensor pass with lerp's arithmetic (what the EMA update costs without any
-per-tensor overhead). Every variant is
+per-tensor overhead). The post-hoc rows are `ema=posthoc`'s update (components/posthoc_ema.PostHocEMA, two
+power-function profiles by default): each parameter piece is read once for both profiles while it is in cache;
+"per-profile passes" is the same update with one whole pass per profile (the parameters read twice), for
+comparison. Its traffic floor is 5 streams (read p, s1, s2; write s1, s2) against the single EMA's 3: 5/3 = 1.67x
+one EMA update when both are memory bound. Every variant is
 timed in the same process, interleaved round-robin (so drift hits all of them alike), after warmup; the table
 shows the median of the repeats.
 """
@@ -23,6 +28,7 @@ import torch
 from diffusers.training_utils import EMAModel as DiffusersEMAModel
 
 from difftrain.components.ema import EMAModel
+from difftrain.components.posthoc_ema import UPDATE_CHUNK_BYTES, UPDATE_CHUNK_BYTES_ACCELERATOR, PostHocEMA
 
 
 def make_params(total: int, n_tensors: int, device: str, layout: str, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -51,6 +57,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--offload", action="store_true", help="also time difftrain offload=True (CUDA)")
+    parser.add_argument("--sigma-rels", default="0.05,0.10", help="profiles of the post-hoc EMA rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     total, dev = int(args.params), args.device
@@ -74,6 +81,16 @@ def main() -> None:
         emas["difftrain offload=True"] = EMAModel(params, foreach=True, offload=True)
     for name, ema in emas.items():
         variants[name] = (lambda e=ema: e.step(params))
+    module = torch.nn.Module()
+    module.params = torch.nn.ParameterList(params)  # PostHocEMA takes a module (named parameters)
+    sigma_rels = [float(v) for v in args.sigma_rels.split(",")]
+    posthoc = PostHocEMA(module, sigma_rels, snapshot_every=10**9)
+    passes = PostHocEMA(module, sigma_rels, snapshot_every=10**9)
+    passes.update_chunk_bytes = 1 << 62  # one piece per device/dtype group: every profile a whole pass
+    k = len(sigma_rels)
+    posthoc_name, passes_name = f"posthoc {k} profiles (read once)", f"posthoc {k} profiles, per-profile passes"
+    variants[posthoc_name] = lambda: posthoc.step(module)
+    variants[passes_name] = lambda: passes.step(module)
 
     for fn in variants.values():
         for _ in range(args.warmup):
@@ -100,6 +117,14 @@ def main() -> None:
     print(f"|{'-' * 44}|{'-' * 10}:|{'-' * 9}:|{'-' * 30}:|")
     for name, ms in med.items():
         print(f"| {name:<42} | {ms:8.1f} | {ms / floor:7.2f} | {base / ms:28.2f} |")
+    one = med["difftrain foreach=True (_foreach_lerp_)"]
+    spread = {name: (max(ts) - min(ts)) / statistics.median(ts) for name, ts in times.items()}
+    chunk = UPDATE_CHUNK_BYTES.get(torch.device(dev).type, UPDATE_CHUNK_BYTES_ACCELERATOR)
+    print(f"\npost-hoc EMA, {k} profiles (update pieces of {chunk >> 10} KiB): "
+          f"{med[posthoc_name] / one:.2f}x one EMA update (difftrain foreach=True), "
+          f"{med[posthoc_name] / floor:.2f}x the floor; per-profile passes {med[passes_name] / one:.2f}x; "
+          f"traffic floor {(2 * k + 1) / 3:.2f}x (goal <= 1.6x)")
+    print("spread (max-min)/median: " + ", ".join(f"{name.split(' (')[0]} {v:.2f}" for name, v in spread.items()))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ register("loss_weighting", "cosmap", f"{C}.weighting:build_loss_weighting",
 register("loss_weighting", "min_snr", f"{C}.weighting:build_loss_weighting",
          "Min-SNR-gamma for epsilon, v, sample and flow targets", s.MinSNRWeightingConfig)
 
+# loss: the element-wise loss, before the mask, the per-sample mean and loss_weighting
+register("loss", "mse", f"{C}.losses:build_loss", "squared error (diffusers' scripts)", s.MSELossConfig)
+register("loss", "l1", f"{C}.losses:build_loss", "absolute error", s.L1LossConfig)
+register("loss", "huber", f"{C}.losses:build_loss",
+         "pseudo-Huber 2c(sqrt(r^2+c^2)-c), threshold delta, constant or timestep-dependent (kohya)",
+         s.HuberLossConfig)
+
 # interpolation: resize filter of image data
 for mode, blurb in (("bilinear", "bilinear"), ("bicubic", "bicubic"), ("box", "box (PIL only)"),
                     ("nearest", "nearest (PIL-compatible legacy)"), ("nearest_exact", "nearest, exact"),
@@ -76,6 +83,12 @@ register("data", "digits", f"{D}.sources:build_digits",
 register("data", "imagefolder", f"{D}.sources:build_imagefolder",
          "a folder of images; class subfolders give labels; captions from metadata.jsonl or .txt files",
          s.ImageFolderDataConfig)
+register("data", "dreambooth", f"{D}.sources:build_imagefolder",
+         "imagefolder with DreamBooth prior preservation (class images generated when missing; preset of imagefolder)",
+         s.ImageFolderDataConfig)
+register("data", "sources", f"{D}.multi:build_sources",
+         "several image folders / datasets in one run, each with its repeats, captions, masks and prior",
+         s.SourcesDataConfig)
 register("optimizer", "adamw", f"{E}.optim:build_optimizer", "torch.optim.AdamW", s.AdamWConfig)
 register("optimizer", "sgd", f"{E}.optim:build_optimizer", "torch.optim.SGD", s.SGDConfig)
 register("optimizer", "adamw8bit", f"{E}.optim:build_optimizer", "bitsandbytes AdamW8bit (where it works)",

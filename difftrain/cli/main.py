@@ -17,11 +17,12 @@ commands:
   sample RUN_DIR         write a grid of samples from a finished run
   eval RUN_DIR           digits-classifier accuracy of a finished run's samples
   components             list every config group, its options and what each does
-  report SWEEP_DIR       table, CSV and plots of a multirun sweep
+  report RUN_DIR|SWEEP_DIR  report.html of a run; for a sweep also table, CSV, plots
   verify RUN_DIR         check every checkpoint and cache of a run against its checksums
   data-report [overrides]  buckets, counts, held-out and bad images of the data (also: train --dry-run)
   ema-synth RUN_DIR      post-hoc EMA: models of any --sigma-rel from an ema=posthoc run's snapshots
   ema-sweep RUN_DIR      post-hoc EMA: evaluate a range of --sigma-rel, CSV + plot, the best one
+  push RUN_DIR --repo-id org/name  upload a finished run's final/ (model card included) to the Hugging Face Hub
 """
 
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from difftrain.cli import posthoc
 
             return getattr(posthoc, f"{command.replace('-', '_')}_command")(rest)
+        if command == "push":
+            from difftrain.cli.push import push_command
+
+            return push_command(rest)
         if command in ("components", "sample", "eval", "report"):
             from difftrain.cli import commands
 
@@ -75,5 +80,5 @@ def main(argv: list[str] | None = None) -> int:
         print_error("interrupted; the last complete checkpoint is kept (resume=latest continues)")
         return 130
     print_error(f"unknown command '{command}'; commands: train, sample, eval, components, report, data-report, verify, "
-                "ema-synth, ema-sweep")
+                "ema-synth, ema-sweep, push")
     return 2

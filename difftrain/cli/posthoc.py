@@ -21,7 +21,8 @@ def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _setup(opts):
+def _setup(opts, evaluates: bool):
+    """(run folder, its config, targets, device, output folder); ema-synth computes nothing: the CPU."""
     import torch
 
     from difftrain.cli.commands import read_run_config
@@ -30,17 +31,18 @@ def _setup(opts):
     root, cfg = read_run_config(opts.run_dir)
     if opts.step is not None and opts.step < 1:
         raise UserError("--step must be a positive optimizer step (or omitted: the newest snapshot's step)")
-    device = "cuda" if torch.cuda.is_available() and not cfg["trainer"]["cpu"] else "cpu"
+    on_gpu = evaluates and torch.cuda.is_available() and not cfg["trainer"]["cpu"]
     out = Path(opts.out) if opts.out else root / "ema_synth"
-    return root, cfg, parse_sigma_rels(opts.sigma_rel), device, out
+    return root, cfg, parse_sigma_rels(opts.sigma_rel), "cuda" if on_gpu else "cpu", out
 
 
 def ema_synth_command(args: list[str]) -> int:
-    """Synthesise EMA profiles of the given sigma_rel from the run's snapshots; one diffusers model per target."""
+    """Synthesise EMA profiles of the given sigma_rel from the run's snapshots; per target, what the run's family
+    exports: a diffusers model folder, a LoRA file (LoRA runs) or a pipeline (full text-to-image fine-tunes)."""
     from difftrain.engine.posthoc import synth_all
 
     opts = _parser("difftrain ema-synth", ema_synth_command.__doc__).parse_args(args)
-    root, cfg, sigmas, device, out = _setup(opts)
+    root, cfg, sigmas, device, out = _setup(opts, evaluates=False)
     for synthesis, folder, _ in synth_all(root, cfg, sigmas, opts.step, out, device):
         print(f"sigma_rel {synthesis.sigma_rel:.4f} (gamma {synthesis.gamma:.3f}) at step {synthesis.step}: "
               f"fit error {synthesis.fit_error:.2e}, {len(synthesis.weights)} snapshots -> {folder}")
@@ -55,7 +57,7 @@ def ema_sweep_command(args: list[str]) -> int:
     parser.add_argument("--metric", choices=("accuracy", "val_loss"), default="accuracy",
                         help="digits-classifier accuracy (data=digits) or the fixed-noise validation loss")
     opts = parser.parse_args(args)
-    root, cfg, sigmas, device, out = _setup(opts)
+    root, cfg, sigmas, device, out = _setup(opts, evaluates=True)
     result = sweep(root, cfg, sigmas, opts.metric, opts.step, out, device)
     print(f"{'sigma_rel':>9}  {'gamma':>8}  {opts.metric:>10}  {'fit error':>9}")
     for row in result["rows"]:

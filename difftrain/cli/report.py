@@ -1,11 +1,15 @@
-"""`difftrain report SWEEP_DIR`: one table of a -m sweep, as a rich table, a CSV and two figures.
+"""`difftrain report RUN_DIR|SWEEP_DIR`: a run's or a sweep's report.html (cli/report_html.py: settings, curves
+and sample grids on one static page); for a -m sweep also a rich table, a CSV and two figures.
 
 Reads the job records of the sweep folder (`difftrain.cli.sweep.collect`, so a sweep that was killed before
 its end still reports the jobs that finished) and writes into SWEEP_DIR/report/:
 
 * runs.csv          one row per run: overrides, status, final loss, validation loss, accuracy, time;
 * loss_curves.png   the training loss of every run against the optimizer step (validation loss as dots);
-* samples.png       the last sample grid of every run, side by side, captioned with its overrides.
+* samples.png       the last sample grid of every run, side by side, captioned with its overrides;
+* report.html       the comparison table, every run's curves and last grid on one page.
+
+For a run folder (it holds config.yaml) only RUN_DIR/report.html is written.
 """
 
 from __future__ import annotations
@@ -95,18 +99,25 @@ def side_by_side(rows: list[dict], out: Path, caption_height: int = 28, pad: int
 def report(sweep_dir: Path) -> int:
     from rich.console import Console
 
-    from difftrain.cli.sweep import collect, rich_table, write_csv
+    from difftrain.cli.report_html import write_run_report, write_sweep_report
+    from difftrain.cli.sweep import COLUMNS, collect, rich_table, write_csv
 
     if not sweep_dir.is_dir():
-        raise UserError(f"'{sweep_dir}' is not a folder; pass the folder of a -m sweep (hydra.sweep.dir)")
+        raise UserError(f"'{sweep_dir}' is not a folder; pass a run folder or the folder of a -m sweep "
+                        "(hydra.sweep.dir)")
+    if (sweep_dir / "config.yaml").is_file():  # one run
+        print(f"wrote {write_run_report(sweep_dir)}")
+        return 0
     rows = collect(sweep_dir)
     if not rows:
-        raise UserError(f"'{sweep_dir}' holds no finished jobs (no <job number>/job.json); pass the folder of a "
-                        "-m sweep, e.g. outputs/sweep_2026-01-01_12-00-00")
+        raise UserError(f"'{sweep_dir}' holds no finished jobs (no <job number>/job.json) and no run (no "
+                        "config.yaml); pass a run folder or the folder of a -m sweep, e.g. "
+                        "outputs/sweep_2026-01-01_12-00-00")
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     write_csv(out / "runs.csv", rows)
-    written = [out / "runs.csv", plot_losses(rows, out / "loss_curves.png"), side_by_side(rows, out / "samples.png")]
+    written = [out / "runs.csv", plot_losses(rows, out / "loss_curves.png"), side_by_side(rows, out / "samples.png"),
+               write_sweep_report(sweep_dir, rows, COLUMNS, out / "report.html")]
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import re
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,8 +28,12 @@ from difftrain.components import ema_gather
 SNAPSHOT_FORMAT = "difftrain.posthoc_ema/1"
 SNAPSHOT_DIR = "ema_snapshots"
 SNAPSHOT_RE = re.compile(r"^step-(\d+)\.profile-(\d+)\.safetensors$")
-#: parameter bytes cast/read per chunk: on a GPU the chunk stays in L2 while every profile is updated from it
-UPDATE_CHUNK_BYTES = 16 << 20
+#: fp32 bytes of parameters per update piece, by device type: small enough that the piece is still in cache
+#: when the next profile reads it (CPU: L2/L3; a GPU's L2 is tens of MiB), large enough that the per-call cost
+#: (an OpenMP region on the CPU, a kernel launch on a GPU) stays small. CPU measured (benchmarks/ema.py,
+#: docs/performance.md); the GPU value is not measured yet.
+UPDATE_CHUNK_BYTES = {"cpu": 1 << 20}
+UPDATE_CHUNK_BYTES_ACCELERATOR = 16 << 20
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -140,7 +145,10 @@ class PostHocEMA:
         self.optimization_step = 0
         self.run_dir: Path | None = None
         self.is_main, self.max_steps = True, None
-        self._stored: list[torch.Tensor] | None = None
+        self.update_chunk_bytes: int | None = None  # None: UPDATE_CHUNK_BYTES of the shadows' device type
+        self._plans: dict[tuple[int, ...], list] = {}  # group -> pieces and shadow views (shadows are ours)
+        self._param_views: dict[tuple[int, ...], tuple] = {}  # group -> (storage pointers, parameter views)
+        self._resolved: tuple | None = None  # (weakref to the model, its tracked parameters)
 
     def bind_run(self, run_dir: Path, is_main: bool, max_steps: int | None = None) -> None:
         self.run_dir, self.is_main, self.max_steps = Path(run_dir), bool(is_main), max_steps
@@ -148,6 +156,15 @@ class PostHocEMA:
     def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
         named = dict(model.named_parameters())
         return [named[name] for name in self.param_names]
+
+    def _step_params(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """`_params` resolved once per model object (the engine passes the same one every step; walking
+        named_parameters() costs ~5 us per parameter, milliseconds per step for a LoRA's thousands)."""
+        if self._resolved is not None and self._resolved[0]() is model:
+            return self._resolved[1]
+        params = self._params(model)
+        self._resolved = (weakref.ref(model), params)
+        return params
 
     @property
     def decay(self) -> float:
@@ -157,7 +174,7 @@ class PostHocEMA:
     # ---- update ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, model: torch.nn.Module) -> None:
-        params = self._params(model)
+        params = self._step_params(model)
         self.optimization_step += 1
         weights = [1.0 - beta(g, self.optimization_step) for g in self.gammas]
         for group in ema_gather.iter_gathered(params, self.gather_bucket_bytes, modifier_rank=None):
@@ -167,25 +184,74 @@ class PostHocEMA:
             self.write_snapshots()
 
     def _update(self, group: list[int], params: list[torch.Tensor], weights: list[float]) -> None:
-        """Every profile from one read of each parameter chunk: the chunk (cast to fp32 once if needed) feeds
-        one fused `_foreach_lerp_` per profile while it is still in cache."""
+        """Every profile from one read of each parameter: the parameters are cut into pieces of at most
+        `update_chunk_bytes` (flat views, big tensors split too), and each piece list (cast to fp32 once if
+        needed) feeds one fused `_foreach_lerp_` per profile while it is still in cache."""
+        key = tuple(group)
+        plan = self._plan(key, params)
+        for (_, shadow_views), ps in zip(plan, self._views_of_params(key, params, plan)):
+            s_dev = shadow_views[0][0].device
+            if ps[0].dtype != torch.float32 or ps[0].device != s_dev:  # a piece list has one dtype and device
+                ps = [p.to(device=s_dev, dtype=torch.float32) for p in ps]
+            for views, w in zip(shadow_views, weights):
+                torch._foreach_lerp_(views, ps, w)
+
+    def _views_of_params(self, key: tuple[int, ...], params: list[torch.Tensor], plan: list) -> list:
+        """The parameter pieces of `plan`, as views; kept while every parameter keeps its storage (never for
+        ZeRO-3 parameters: their gathered storage is freed after each group and must not be held)."""
+        pointers = tuple(params[i].data_ptr() for i in key)
+        cached = self._param_views.get(key)
+        if cached is not None and cached[0] == pointers:
+            return cached[1]
+        views = [[params[i].detach() if a is None or (a == 0 and b == params[i].numel())
+                  else params[i].detach().reshape(-1)[a:b] for i, a, b in pieces] for pieces, _ in plan]
+        if not any(ema_gather.is_zero3_param(params[i]) for i in key):
+            self._param_views[key] = (pointers, views)
+        return views
+
+    def _plan(self, group: tuple[int, ...], params: list[torch.Tensor]) -> list:
+        """[(pieces, per-profile shadow views)] of a group, computed once: pieces (i, start, stop) of the
+        flattened parameter i ((i, None, None): the whole tensor, when it is not contiguous), grouped per
+        (device, dtype) and cut at `update_chunk_bytes` of fp32."""
+        plan = self._plans.get(group)
+        if plan is not None:
+            return plan
         buckets: dict[tuple, list[int]] = {}
         for i in group:
             p = params[i]
             buckets.setdefault((self.shadows[0][i].device, p.device, p.dtype), []).append(i)
-        for (s_dev, p_dev, dtype), indices in buckets.items():
-            start, used = 0, 0
-            for j, i in enumerate(indices):
-                used += self.shadows[0][i].numel() * 4
-                if used < UPDATE_CHUNK_BYTES and j < len(indices) - 1:
+        plan = []
+        for (device, _, _), indices in buckets.items():
+            chunk = self.update_chunk_bytes or UPDATE_CHUNK_BYTES.get(device.type, UPDATE_CHUNK_BYTES_ACCELERATOR)
+            limit = max(1, chunk // 4)
+            pieces, used = [], 0
+            for i in indices:
+                n = self.shadows[0][i].numel()
+                if not params[i].is_contiguous():
+                    pieces.append((i, None, None))
+                    used += n
+                else:
+                    start = 0
+                    while start < n:
+                        take = min(n - start, limit - used)
+                        pieces.append((i, start, start + take))
+                        used, start = used + take, start + take
+                        if used >= limit:
+                            plan.append(self._views(pieces))
+                            pieces, used = [], 0
                     continue
-                chunk = indices[start : j + 1]
-                ps = [params[k].detach() for k in chunk]
-                if dtype != torch.float32 or p_dev != s_dev:
-                    ps = [p.to(device=s_dev, dtype=torch.float32) for p in ps]
-                for shadow, w in zip(self.shadows, weights):
-                    torch._foreach_lerp_([shadow[k] for k in chunk], ps, w)
-                start, used = j + 1, 0
+                if used >= limit:
+                    plan.append(self._views(pieces))
+                    pieces, used = [], 0
+            if pieces:
+                plan.append(self._views(pieces))
+        self._plans[group] = plan
+        return plan
+
+    def _views(self, pieces: list[tuple]) -> tuple[list[tuple], list[list[torch.Tensor]]]:
+        """(pieces, per-profile shadow views); a whole tensor keeps its shape (so does its parameter's view)."""
+        return pieces, [[shadow[i] if a is None or (a == 0 and b == shadow[i].numel()) else shadow[i].view(-1)[a:b]
+                         for i, a, b in pieces] for shadow in self.shadows]
 
     # ---- snapshots ---------------------------------------------------------------------------
     def snapshot_folder(self) -> Path:

@@ -17,19 +17,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 from difftrain.config.rule_helpers import changed_keys, chosen_is, node_of, warmup_steps
+from difftrain.config.rules_recipes import (
+    masks_from_files_need_an_image_folder,
+    prior_preservation_is_complete,
+    prior_with_cached_latents_needs_one_size,
+    random_captions_cannot_cache_text,
+    recipes_need_text_to_image,
+    sources_entries_are_valid,
+)
 from difftrain.config.rules_t2i import (  # noqa: F401 (listed in RULES)
     caption_keys_need_text_to_image,
     hf_captions_or_instance_prompt,
     hf_dataset_is_given,
     imagefolder_path_is_a_folder,
     instance_prompt_not_empty,
+    kohya_lora_format_needs_a_kohya_layout,
     latent_resolution_multiple_of_8,
+    lora_formats_are_known,
     lora_needs_text_to_image,
     lora_targets_not_empty,
     pretrained_family_ignores_scheduler_tables,
     pretrained_family_scheduler,
     pretrained_family_trains_on_captioned_rgb,
     pretrained_pipeline_is_given,
+    quantized_base_needs_lora,
     replacement_vae_is_a_folder_or_hub_id,
     text_encoder_training_cannot_cache,
 )
@@ -57,6 +68,48 @@ def resume_needs_output_dir(cfg: dict) -> list[str]:
         return [f"resume={cfg['resume']} but output_dir '{cfg['output_dir']}' does not exist; "
                 "pass the folder of the run to continue"]
     return []
+
+
+def hub_push_needs_a_repo_id(cfg: dict) -> list[str]:
+    """`hub.push_on_finish` needs `hub.repo_id`, and a repo id is a valid Hugging Face one (org/name)."""
+    hub = node_of(cfg, "hub")
+    repo_id = hub.get("repo_id")
+    if hub.get("push_on_finish") and not repo_id:
+        return ["hub.push_on_finish=true needs hub.repo_id=org/name, the model repository to upload final/ to"]
+    if repo_id:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            return [f"hub.repo_id='{repo_id}' is not a Hugging Face repo id: use org/name with letters, digits, "
+                    "'-', '_' and '.'"]
+    return []
+
+
+def _missing_tracker_message(name: str) -> str | None:
+    """The install hint for a tracker whose package is not importable (None when it is, or is unknown)."""
+    import importlib.util
+
+    from difftrain.config.schema import TRACKERS
+
+    if name not in TRACKERS or importlib.util.find_spec(TRACKERS[name]) is not None:
+        return None
+    extra = f'"difftrain[{name}]"' if name in ("wandb", "mlflow") else TRACKERS[name]
+    return (f"logging.report_to has '{name}' but the {TRACKERS[name]} package is not installed; install it with "
+            f"pip install {extra} (or remove '{name}' from logging.report_to)")
+
+
+def trackers_known_and_installed(cfg: dict) -> list[str]:
+    """`logging.report_to` names each tracker once, from accelerate's list, and each one's package is installed."""
+    from difftrain.config.schema import TRACKERS
+
+    names = node_of(cfg, "logging").get("report_to", [])
+    errors = [f"logging.report_to: '{n}' is not a tracker; choose from {', '.join(TRACKERS)}"
+              for n in dict.fromkeys(names) if n not in TRACKERS]
+    if len(set(names)) != len(names):
+        errors.append(f"logging.report_to={names} names a tracker twice; list each once")
+    return errors + [m for m in map(_missing_tracker_message, dict.fromkeys(names)) if m]
 
 
 def fp16_needs_a_gpu(cfg: dict) -> list[str]:
@@ -314,6 +367,7 @@ def deepspeed_not_with_adamw8bit(cfg: dict) -> list[str]:
 
 RULES: tuple[Rule, ...] = (
     resume_needs_output_dir,
+    trackers_known_and_installed,
     fp16_needs_a_gpu,
     betas_increase,
     zero_terminal_snr_needs_v_or_sample,
@@ -339,10 +393,20 @@ RULES: tuple[Rule, ...] = (
     hf_dataset_is_given,
     hf_captions_or_instance_prompt,
     instance_prompt_not_empty,
+    sources_entries_are_valid,
+    recipes_need_text_to_image,
+    prior_preservation_is_complete,
+    prior_with_cached_latents_needs_one_size,
+    masks_from_files_need_an_image_folder,
+    random_captions_cannot_cache_text,
     caption_keys_need_text_to_image,
     text_encoder_training_cannot_cache,
     lora_needs_text_to_image,
     lora_targets_not_empty,
+    quantized_base_needs_lora,
+    lora_formats_are_known,
+    kohya_lora_format_needs_a_kohya_layout,
+    hub_push_needs_a_repo_id,
     adam_betas,
     warmup_within_max_steps,
     constant_lr_has_no_warmup,

@@ -172,3 +172,42 @@ def lora_targets_not_empty(cfg: dict) -> list[str]:
     if lora["train_text_encoder"] and not lora["text_encoder_target_modules"]:
         errors.append("lora.text_encoder_target_modules must name at least one module")
     return errors
+
+
+def lora_formats_are_known(cfg: dict) -> list[str]:
+    """`export.lora_formats` lists `diffusers` (always written) and optionally `kohya`, each once."""
+    formats = node_of(cfg, "export").get("lora_formats", ["diffusers"])
+    errors = [f"export.lora_formats: '{f}' is not a LoRA format; choose from diffusers, kohya"
+              for f in dict.fromkeys(formats) if f not in ("diffusers", "kohya")]
+    if "diffusers" not in formats:
+        errors.append(f"export.lora_formats={formats} leaves out diffusers, which is always written (the kohya "
+                      "file is converted from it): use export.lora_formats=[diffusers,kohya]")
+    if len(set(formats)) != len(formats):
+        errors.append(f"export.lora_formats={formats} names a format twice; list each once")
+    return errors
+
+
+def kohya_lora_format_needs_a_kohya_layout(cfg: dict) -> list[str]:
+    """`export.lora_formats` with `kohya` needs `lora=on` and `model=sd15|sdxl|flux` (diffusers loads no SD3 kohya file)."""
+    if "kohya" not in node_of(cfg, "export").get("lora_formats", []):
+        return []
+    model = node_of(cfg, "model").get("name")
+    if model is not None and model not in ("sd15", "sdxl", "flux"):
+        return [f"export.lora_formats has kohya, but model={model} has no kohya LoRA layout that diffusers loads "
+                "(kohya files exist for sd15, sdxl and flux); use export.lora_formats=[diffusers]"
+                + (": ComfyUI reads SD3's diffusers file itself" if model == "sd3" else "")]
+    if model is not None and not chosen_is(cfg, "lora", LoraOnConfig):
+        return ["export.lora_formats has kohya, but lora=none: a full fine-tune has no LoRA to convert; add "
+                "lora=on, or use export.lora_formats=[diffusers]"]
+    return []
+
+
+def quantized_base_needs_lora(cfg: dict) -> list[str]:
+    """`model.quantize_base` (nf4, int8, fp8) quantises the frozen base under LoRA: it needs `lora=on`."""
+    if not chosen_is(cfg, "model", PretrainedPipelineConfig):
+        return []
+    kind = node_of(cfg, "model").get("quantize_base", "none")
+    if kind != "none" and not chosen_is(cfg, "lora", LoraOnConfig):
+        return [f"model.quantize_base={kind} quantises the frozen denoiser under LoRA adapters (QLoRA), but "
+                "lora=none trains every weight; add lora=on, or set model.quantize_base=none"]
+    return []

@@ -13,9 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from difftrain.config.fields import opt
+from difftrain.config.schema_data import (  # noqa: F401 (the data schemas live there; re-exported)
+    MISSING_PATH,
+    CaptionedImageDataConfig,
+    ImageFolderDataConfig,
+    SourcesDataConfig,
+)
 
 MODE_SCALE_MAX = 2.0 / (3.141592653589793 - 2.0)  # f_mode is monotone on [-1, 2/(pi-2)]
-MISSING_PATH = "???"
 
 
 # ---- scheduler ------------------------------------------------------------------------------
@@ -84,6 +89,27 @@ class MinSNRWeightingConfig:
 
 
 # ---- interpolation / dream / ema -------------------------------------------------------------
+# ---- loss: the element-wise loss (components/losses.py) ---------------------------------------------
+@dataclass(frozen=True)
+class MSELossConfig:
+    name: str = "mse"
+
+
+@dataclass(frozen=True)
+class L1LossConfig:
+    name: str = "l1"
+
+
+@dataclass(frozen=True)
+class HuberLossConfig:
+    name: str = "huber"
+    delta: float = opt(0.1, "pseudo-Huber threshold c: quadratic below, linear above (-> mse as c grows); "
+                            "with a schedule, its value at the most noise", gt=0)
+    schedule: str = opt("constant", "threshold over timesteps: constant, exponential (delta^(t/T)) or snr "
+                                    "((1 - delta) / (1 + sigma_t)^2 + delta), kohya's huber_schedule",
+                        choices=("constant", "exponential", "snr"))
+
+
 @dataclass(frozen=True)
 class InterpolationConfig:
     name: str = "bilinear"
@@ -158,47 +184,7 @@ class DigitsDataConfig:
                                        "0 = the validation loss reads the first training samples", ge=0)
 
 
-@dataclass(frozen=True)
-class CaptionedImageDataConfig:
-    """Keys shared by the image-and-caption sources (data=imagefolder, data=hf); the text-to-image rules
-    (difftrain/config/rules.py) apply to every option whose schema derives from this one."""
-
-    name: str = ""
-    resolution: int = opt(512, "image size after resize and crop", ge=1)
-    center_crop: bool = opt(True, "center crop (else a random crop, drawn per sample and epoch; with "
-                                  "cache_latents one crop per sample, drawn once)")
-    random_flip: bool = opt(False, "random horizontal flip, drawn per sample and epoch")
-    channels: int = opt(3, "RGB", choices=(3,))
-    buckets: str | list[list[int]] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
-        "none", "aspect-ratio buckets: none (one square of data.resolution), auto (a ladder of about "
-        "data.resolution^2 pixels, aspect 1:4..4:1) or a list of [height, width]")
-    bucket_step: int | None = opt(None, "side granularity of buckets=auto; null = about data.resolution / 16, a "
-                                   "multiple of the model's size multiple", ge=1)
-    max_upscale: float = opt(2.0, "an image upscaled more than this to cover its bucket is too small "
-                                  "(see on_bad_image)", ge=1)
-    validation_split: float = opt(0.0, "samples held out for the validation loss: a fraction (< 1) or a count; "
-                                       "0 = the validation loss reads the first training samples", ge=0)
-    on_bad_image: str = opt("error", "unreadable, truncated, empty or too-small images: error (list them all, "
-                                     "exit 2) or skip (train without them, listed in RUN_DIR/data/skipped.txt)",
-                            choices=("error", "skip"))
-    instance_prompt: str | None = opt(None, "one prompt for every image (overrides the captions)")
-    caption_dropout: float = opt(0.0, "probability of training a sample on the empty prompt", ge=0, le=1)
-    cache_latents: bool = opt(False, "encode every image with the VAE once into on-disk shards (both flips "
-                                     "when random_flip)")
-    cache_text_embeddings: bool | None = opt(None, "cache prompt embeddings; null = when the text encoders "
-                                                   "are frozen")
-    cache_dir: str | None = opt(None, "folder of the caches; null = RUN_DIR/cache")
-
-
-@dataclass(frozen=True)
-class ImageFolderDataConfig(CaptionedImageDataConfig):
-    name: str = "imagefolder"
-    resolution: int = opt(64, "image size after resize and crop (the YAML sets model.resolution where the model has one)", ge=1)
-    channels: int = opt(3, "1 = grayscale, 3 = RGB", choices=(1, 3))
-    path: str = opt(MISSING_PATH, "folder of images; class subfolders give labels")
-    num_classes: int | None = opt(None, "number of labels; null = count the class subfolders", ge=1)
-    caption_column: str = opt("text", "caption field of metadata.jsonl rows (text-to-image models; captions "
-                                      "also come from a .txt file beside each image)")
+# CaptionedImageDataConfig, ImageFolderDataConfig, SourcesDataConfig: config/schema_data.py (imported at the end)
 
 
 # ---- optimisation ----------------------------------------------------------------------------
@@ -277,6 +263,13 @@ class TrainerConfig:
     num_workers: int = opt(0, "DataLoader worker processes decoding images ahead of the step (0 = in the "
                               "training process); the batches are the same for any number", ge=0)
     prefetch_factor: int = opt(2, "micro-batches each worker prepares ahead", ge=1)
+    compile: str = opt("none", "torch.compile the trained module in place: none, full (the whole module) or "
+                               "regional (each repeated UNet/transformer block: far shorter compile)",
+                       choices=("none", "full", "regional"))
+    allow_tf32: bool = opt(True, "TF32 matmuls and cuDNN convolutions on GPUs that have them (off when "
+                                 "trainer.deterministic)")
+    channels_last: bool | None = opt(None, "UNet weights and activations in channels_last memory format; "
+                                           "null = on CUDA only")
 
 
 @dataclass(frozen=True)
@@ -313,11 +306,46 @@ class EvalConfig:
                          "(minimise)", choices=("accuracy", "val_loss", "val_loss_ema", "loss"))
 
 
+# experiment trackers through accelerate's tracker API (engine/trackers.py); the optional extra of each
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+            "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}  # name -> the module it imports
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    report_to: list[str] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
+        doc="experiment trackers that get the scalars, sample grids and config: tensorboard, wandb, mlflow, "
+            "comet_ml, aim, clearml, dvclive (pip install \"difftrain[wandb]\" ...); [] = metrics.jsonl only",
+        factory=lambda: ["tensorboard"])
+    project: str = opt("difftrain", "tracker project (W&B project, MLflow experiment, Comet/ClearML project)")
+    run_name: str | None = opt(None, "tracker run name; null = the run folder's name")
+    mlflow_tracking_uri: str | None = opt(None, "MLflow tracking URI (sqlite:///mlflow.db, http://host:5000); "
+                                                "null = MLFLOW_TRACKING_URI or MLflow's default")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    lora_formats: list[str] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
+        doc="LoRA files in final/: diffusers (pytorch_lora_weights.safetensors, always written) and kohya "
+            "(also lora_kohya.safetensors, the layout ComfyUI and A1111 load: sd15, sdxl, flux)",
+        factory=lambda: ["diffusers"])
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    push_on_finish: bool = opt(False, "upload final/ to hub.repo_id at the end of the run (difftrain push does "
+                                      "it later)")
+    repo_id: str | None = opt(None, "Hugging Face model repository, org/name")
+    private: bool = opt(False, "create the repository private")
+
+
 TOP_LEVEL_SCALARS = {
     "seed": (int, opt(0, "the one seed of the run", ge=0)),
     "output_dir": (str | None, opt(None, "run folder; null = outputs/<timestamp>")),
     "resume": (str | None, opt(None, "'latest' or a checkpoint folder (with the same output_dir)")),
 }
-SECTIONS = {"trainer": TrainerConfig, "noise": NoiseConfig, "validation": ValidationConfig, "eval": EvalConfig}
-GROUPS = ("scheduler", "weighting_scheme", "loss_weighting", "interpolation", "dream", "ema",
+SECTIONS = {"trainer": TrainerConfig, "noise": NoiseConfig, "validation": ValidationConfig, "eval": EvalConfig,
+            "logging": LoggingConfig, "export": ExportConfig, "hub": HubConfig}
+GROUPS = ("scheduler", "weighting_scheme", "loss_weighting", "loss", "interpolation", "dream", "ema",
           "model", "data", "optimizer", "lr_scheduler", "distributed", "lora")
+

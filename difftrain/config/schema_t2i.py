@@ -39,6 +39,12 @@ class PretrainedPipelineConfig:
     revision: str | None = opt(None, "hub revision (branch, tag or commit); null = main")
     variant: str | None = opt(None, "weight file variant to load, e.g. fp16 (training weights are fp32)")
     resolution: int = opt(512, "native resolution: the default of data.resolution for this model", ge=8)
+    quantize_base: str = opt("none", "quantise the frozen denoiser under LoRA (QLoRA): none, nf4 (bitsandbytes, "
+                                     "CUDA), int8 (torchao weight-only, CPU or GPU) or fp8 (torchao weight-only, "
+                                     "GPU with compute capability >= 8.9); adapters stay fp32",
+                             choices=("none", "nf4", "int8", "fp8"))
+    vae_tiling: bool | None = opt(None, "encode images in overlapping tiles (less VAE memory, slightly different "
+                                        "latents); null = when a bucket side exceeds 1536 px")
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,10 @@ def index_imagefolder(options, cache_folder: Path | None) -> SampleIndex:
         raise UserError(f"data.path '{path}' is not a folder: point data.path at a folder of images "
                         "(optionally one subfolder per class)")
     listed = list_images(root)
+    if getattr(options, "masks", "none") == "files":  # <stem>_mask.png files are masks, not training images
+        from difftrain.data.masks import is_mask_file
+
+        listed = [(f, c) for f, c in listed if not is_mask_file(f)]
     if not listed:
         raise UserError(f"data.path '{path}' holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                         "add images or fix data.path")

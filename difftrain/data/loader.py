@@ -23,8 +23,8 @@ class MicroBatchSampler:
     def __iter__(self):
         for step in range(self.start_step, self.max_steps):
             for micro in range(self.order.micro_per_step):
-                epoch, positions = self.order.indices(step, micro, self.rank)
-                yield MicroBatchKey(step, micro, epoch, tuple(positions.tolist()))
+                epoch, slots, j = self.order.locate(step, micro, self.rank)
+                yield MicroBatchKey(step, micro, epoch, tuple(slots.tolist()), self.order.class_positions(epoch, j, slots))
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step) * self.order.micro_per_step

@@ -17,6 +17,8 @@ import torch
 
 from difftrain.components.seeding import seed_for
 from difftrain.data.buckets import center_offset, cover
+from difftrain.data.caption_rules import CaptionRules
+from difftrain.data.masks import SourceTable, open_mask
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,8 @@ class MicroBatchKey:
     step: int
     micro: int
     epoch: int
-    positions: tuple[int, ...]
+    positions: tuple[int, ...]           # slots: position + copy * num_positions (data/order.py Mixing)
+    prior: tuple[int, ...] = ()          # DreamBooth class-image positions paired with this batch
 
 
 @dataclass(frozen=True)
@@ -54,25 +57,45 @@ def unit_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
 
 
-def draws(seed: int, epoch: int, position: int, augment: Augment, crop_room: tuple[int, int]):
-    """(top, left, flip, dropped) of one sample in one epoch; a fixed draw order."""
+def draws(seed: int, epoch: int, position: int, augment: Augment, crop_room: tuple[int, int],
+          rules: CaptionRules | None = None, copy: int = 0):
+    """(top, left, flip, dropped, generator) of one sample (copy `copy` of a repeated one) in one epoch; a fixed
+    draw order; the generator goes on to draw the caption's tags (None when nothing is random)."""
     top = left = 0
-    if augment.center_crop and not augment.random_flip and not augment.caption_dropout:
-        return top, left, False, False  # nothing random: no generator to seed
-    g = torch.Generator().manual_seed(seed_for(seed, 0, f"sample/{epoch}/{position}"))
+    dropout = rules.caption_dropout if rules is not None else augment.caption_dropout
+    random_tags = rules is not None and rules.random_tags
+    if augment.center_crop and not augment.random_flip and not dropout and not random_tags:
+        return top, left, False, False, None  # nothing random: no generator to seed
+    name = f"sample/{epoch}/{position}" if copy == 0 else f"sample/{epoch}/{position}/{copy}"
+    g = torch.Generator().manual_seed(seed_for(seed, 0, name))
     if not augment.center_crop:
         top = int(torch.randint(0, crop_room[0] + 1, (1,), generator=g))
         left = int(torch.randint(0, crop_room[1] + 1, (1,), generator=g))
     flip = bool(torch.rand((), generator=g) < 0.5) if augment.random_flip else False
-    dropped = bool(torch.rand((), generator=g) < augment.caption_dropout) if augment.caption_dropout else False
-    return top, left, flip, dropped
+    dropped = bool(torch.rand((), generator=g) < dropout) if dropout else False
+    return top, left, flip, dropped, g
+
+
+@dataclass
+class Loaded:
+    """One sample of a micro-batch as a worker read it."""
+
+    position: int
+    tensor: torch.Tensor            # uint8 pixels, or cached latent parameters
+    crop: tuple[int, int]
+    flip: bool
+    dropped: bool
+    caption: str | None
+    mask: torch.Tensor | None = None
 
 
 class ImageSamples(torch.utils.data.Dataset):
     """Images read by `reader(key)` (a PIL image) at their bucket's size; captions, labels, cached rows."""
 
-    def __init__(self, reader, index, plan, augment: Augment, seed: int, members: list[list[int]]) -> None:
+    def __init__(self, reader, index, plan, augment: Augment, seed: int, members: list[list[int]],
+                 table: SourceTable | None = None) -> None:
         self.reader, self.keys, self.sizes = reader, index.keys, index.sizes
+        self.table = table or SourceTable.single(len(index.keys), CaptionRules(caption_dropout=augment.caption_dropout))
         self.captions, self.labels, self.names = index.captions, index.labels, index.names
         self.buckets, self.bucket_of = plan.buckets, plan.bucket_of
         self.augment, self.seed = augment, seed
@@ -93,16 +116,26 @@ class ImageSamples(torch.utils.data.Dataset):
                flip: bool = False) -> torch.Tensor:
         """(C, h, w) uint8: decode, EXIF-rotate, resize to cover `size`, crop at top_left, flip. Workers send
         uint8 (a quarter of float32's bytes through shared memory); `unit_range` converts in the main process."""
-        from PIL import ImageOps
-        from torchvision.transforms import functional as TF
+        return self.pixels_and_mask(position, size, top_left, flip, "none")[0]
 
-        resized, (top, left) = self.crop_box(position, size, top_left)
+    def pixels_and_mask(self, position: int, size, top_left, flip: bool, mask_mode: str):
+        """(pixels, mask or None): the mask (data/masks.py) goes through the same resize, crop and flip."""
+        from PIL import ImageOps
+
+        resized, crop = self.crop_box(position, size, top_left)
         with self.reader(self.keys[position]) as im:
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an image without EXIF rotation
+            mask = open_mask(self.keys[position], mask_mode, im) if mask_mode != "none" else None
             im = im.convert("L" if self.augment.channels == 1 else "RGB")
-            im = TF.resize(im, list(resized), interpolation=self.augment.interpolation, antialias=True)
-            im = TF.crop(im, top, left, size[0], size[1])
-            x = TF.pil_to_tensor(im)
+            x = self._transform(im, resized, crop, size, flip)
+        return x, (self._transform(mask, resized, crop, size, flip) if mask is not None else None)
+
+    def _transform(self, im, resized, crop, size, flip: bool) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        im = TF.resize(im, list(resized), interpolation=self.augment.interpolation, antialias=True)
+        im = TF.crop(im, crop[0], crop[1], size[0], size[1])
+        x = TF.pil_to_tensor(im)
         return x.flip(-1) if flip else x
 
     def stand_in(self, position: int, epoch: int, size: tuple[int, int]):
@@ -125,55 +158,73 @@ class ImageSamples(torch.utils.data.Dataset):
             return loaded
         raise RuntimeError(f"no image of bucket {size} can be decoded")
 
-    def sample(self, position: int, epoch: int, size: tuple[int, int]):
-        """(position, pixels or cached latent parameters, crop offset, flip, dropped) of one training sample."""
+    def sample(self, position: int, epoch: int, size: tuple[int, int], copy: int = 0) -> Loaded:
+        """One training sample: pixels or cached latent parameters, crop offset, flip, caption (dropped or its
+        tags drawn), mask."""
+        source = self.table.source_of[position]
+        rules, mask_mode = self.table.rules[source], self.table.masks[source]
         resized, _ = cover(self.sizes[position], size)
-        top, left, flip, drop = draws(self.seed, epoch, position, self.augment,
-                                      (resized[0] - size[0], resized[1] - size[1]))
+        top, left, flip, drop, g = draws(self.seed, epoch, position, self.augment,
+                                         (resized[0] - size[0], resized[1] - size[1]), rules, copy)
+        caption = None if self.captions is None else self.captions[position]
+        if caption is not None and not drop and g is not None and rules.random_tags:
+            caption = rules.draw(caption, g)
         latents = self.served.latents
         if latents is not None:  # one cached crop per sample; both flips cached
             row = latents.get(position, "mean_logvar_flip" if flip else "mean_logvar")
-            return position, row, tuple(latents.get(position, "crop").tolist()), flip, drop
+            crop = tuple(latents.get(position, "crop").tolist())
+            mask = (self.pixels_and_mask(position, size, crop, flip, mask_mode)[1] if mask_mode != "none" else None)
+            return Loaded(position, row, crop, flip, drop, caption, mask)
         _, crop = self.crop_box(position, size, None if self.augment.center_crop else (top, left))
-        return position, self.pixels(position, size, crop, flip), crop, flip, drop
+        pixels, mask = self.pixels_and_mask(position, size, crop, flip, mask_mode)
+        return Loaded(position, pixels, crop, flip, drop, caption, mask)
 
     # ---- one micro-batch ----------------------------------------------------------------------------
     def __getitem__(self, key: MicroBatchKey) -> dict:
         return self.__getitems__(key)
 
     def __getitems__(self, key: MicroBatchKey) -> dict:
-        size = self.buckets[self.bucket_of[key.positions[0]]]
+        n = len(self.keys)
+        size = self.buckets[self.bucket_of[key.positions[0] % n]]
         loaded = []
-        for position in key.positions:
+        wanted = [divmod(slot, n)[::-1] for slot in key.positions] + [(p, 0) for p in key.prior]
+        for position, copy in wanted:  # (class images of prior preservation take the batch's size)
             try:
-                loaded.append(self.sample(position, key.epoch, size))
+                loaded.append(self.sample(position, key.epoch, size, copy))
             except Exception:  # noqa: BLE001 (a file that broke since the index was built)
                 if self.served.latents is not None:
                     raise
                 loaded.append(self.stand_in(position, key.epoch, size))
-        used, tensors, crops, flips, dropped = (list(c) for c in zip(*loaded))
-        cached = self.served.latents is not None
-        return self._collate(key, used, size, [] if cached else tensors, tensors if cached else [], crops, flips,
-                             dropped)
+        return self._collate(key, loaded, size)
 
-    def _collate(self, key, used, size, rows, params, crops, flips, dropped) -> dict:
-        """One batch dict; `used` are the positions read (a replaced file's stand-in included)."""
-        positions = torch.tensor(used, dtype=torch.long)
-        batch = {"step": key.step, "micro": key.micro, "epoch": key.epoch, "indices": positions,
-                 "flips": torch.tensor(flips) if self.augment.random_flip else None,
+    def _collate(self, key, loaded: list[Loaded], size) -> dict:
+        """One batch dict; `loaded[i].position` is the position read (a replaced file's stand-in included)."""
+        used = [item.position for item in loaded]
+        cached = self.served.latents is not None and key.step >= 0
+        table = self.table
+        sources = [table.source_of[p] for p in used]
+        batch = {"step": key.step, "micro": key.micro, "epoch": key.epoch,
+                 "indices": torch.tensor(used, dtype=torch.long),
+                 "flips": torch.tensor([i.flip for i in loaded]) if self.augment.random_flip else None,
                  "labels": torch.tensor([self.labels[p] for p in used]) if self.labels is not None else None,
                  "original_sizes": torch.tensor([self.sizes[p] for p in used], dtype=torch.long),
-                 "crop_offsets": torch.tensor(crops, dtype=torch.long).view(-1, 2),  # (top, left), before a flip
+                 # (top, left), before a flip
+                 "crop_offsets": torch.tensor([i.crop for i in loaded], dtype=torch.long).view(-1, 2),
                  "resized_sizes": torch.tensor([cover(self.sizes[p], size)[0] for p in used], dtype=torch.long),
-                 "target_size": size}
-        if params:
-            batch["latents"] = torch.stack(params)
-        else:
-            batch["pixels"] = torch.stack(rows)
+                 "target_size": size, "sources": torch.tensor(sources, dtype=torch.long)}
+        stacked = torch.stack([i.tensor for i in loaded])
+        batch["latents" if cached else "pixels"] = stacked
+        if table.any_masks:
+            full = torch.full((1, *size), 255, dtype=torch.uint8)
+            batch["masks"] = torch.stack([i.mask if i.mask is not None else full for i in loaded])
+            batch["mask_floor"] = torch.tensor([table.unmasked_weight[s] for s in sources])
+        if table.any_prior:
+            batch["prior"] = torch.tensor([table.is_class[s] for s in sources], dtype=torch.bool)
+            batch["prior_weight"] = torch.tensor([table.prior_weight[s] for s in sources])
         if self.captions is not None:
-            drop = torch.tensor(dropped, dtype=torch.bool)
-            batch["dropped"] = drop
-            batch["captions"] = ["" if d else self.captions[p] for p, d in zip(used, dropped)]
+            dropped = [i.dropped for i in loaded]
+            batch["dropped"] = torch.tensor(dropped, dtype=torch.bool)
+            batch["captions"] = ["" if i.dropped else i.caption for i in loaded]
             if self.served.text is not None:
                 batch["text"] = self.text_rows(used, dropped)
         return batch
@@ -200,14 +251,15 @@ class ImageSamples(torch.utils.data.Dataset):
         return position, self.pixels(position, self.buckets[self.bucket_of[position]], crop), crop
 
     def fixed_batch(self, positions: list[int], size: tuple[int, int]) -> dict:
-        """Un-augmented samples at `size` (center crop, no flip, no dropout): the validation loss inputs."""
-        rows = [self.pixels(p, size) for p in positions]
-        crops = [self.crop_box(p, size, None)[1] for p in positions]
+        """Un-augmented samples at `size` (center crop, no flip, no dropout, no tag draws): the validation
+        loss inputs."""
+        loaded = [Loaded(p, self.pixels(p, size), self.crop_box(p, size, None)[1], False, False,
+                         None if self.captions is None else self.captions[p]) for p in positions]
         key = MicroBatchKey(-1, 0, 0, tuple(positions))
         saved, self.augment = self.augment, Augment(True, False, 0.0, self.augment.channels,
                                                     self.augment.interpolation)
         try:
-            return self._collate(key, list(positions), size, rows, [], crops, [False] * len(positions), [False] * len(positions))
+            return self._collate(key, loaded, size)
         finally:
             self.augment = saved
 
@@ -257,9 +309,9 @@ class TensorSamples(ImageSamples):
         super().__init__(None, index, plan, augment, seed, members)
         self.images = images
 
-    def pixels(self, position, size, top_left=None, flip=False) -> torch.Tensor:
+    def pixels_and_mask(self, position, size, top_left, flip, mask_mode):
         x = self.images[position]
-        return x.flip(-1) if flip else x
+        return (x.flip(-1) if flip else x), None
 
     def crop_box(self, position, size, top_left):
         return tuple(size), (0, 0)

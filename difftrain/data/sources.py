@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 
-from difftrain.data.buckets import BucketPlan, plan_buckets
+from difftrain.data.buckets import BucketPlan
 from difftrain.data.index import SampleIndex, index_hf, index_imagefolder
 from difftrain.data.loader import BatchStream
-from difftrain.data.order import BatchOrder, holdout
+from difftrain.data.masks import SourceTable
+from difftrain.data.multi import Part, concatenate, mixing_of
+from difftrain.data.order import BatchOrder, Mixing, holdout
 from difftrain.data.samples import Augment, ImageSamples, RowReader, TensorSamples, file_reader, unit_range
 from difftrain.errors import UserError
 
@@ -39,6 +41,25 @@ class TrainingData:
     channels: int = 3
     fingerprint: str = ""                 # changes with the image files (part of the latent cache key)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    table: SourceTable | None = None      # the source of every position and its options (data/masks.py)
+    mixing: Mixing | None = None          # repeats and class-image pools of the order (None: plain order)
+
+    @property
+    def source_names(self) -> list[str]:
+        return [n for n, c in zip(self.table.names, self.table.is_class) if not c] if self.table else []
+
+    @property
+    def has_prior(self) -> bool:
+        return self.table is not None and self.table.any_prior
+
+    @property
+    def random_captions(self) -> bool:
+        """Whether a caption changes from epoch to epoch (tag shuffling or dropout): no prompt cache then."""
+        return self.table is not None and any(r.random_tags for r in self.table.rules)
+
+    def sources_of_slots(self, slots) -> list[int]:
+        n = len(self.index)
+        return [self.table.source_of[int(s) % n] for s in slots]
 
     def __len__(self) -> int:
         return len(self.train)
@@ -65,12 +86,12 @@ class TrainingData:
     def groups(self) -> list[list[int]]:
         """Training positions of each bucket, in index order."""
         members: list[list[int]] = [[] for _ in self.plan.buckets]
-        for p in self.train:
+        for p in self.train:  # (class images of prior preservation are never in `train`)
             members[self.plan.bucket_of[p]].append(p)
         return members
 
     def order(self, batch_size: int, grad_accum: int, world_size: int, seed: int) -> BatchOrder:
-        return BatchOrder(self.groups(), batch_size, grad_accum, world_size, seed)
+        return BatchOrder(self.groups(), batch_size, grad_accum, world_size, seed, self.mixing)
 
     def stream(self, order: BatchOrder, rank: int, max_steps: int, num_workers: int, prefetch_factor: int,
                pin_memory: bool) -> BatchStream:
@@ -115,19 +136,9 @@ def _augment(options, interpolation) -> Augment:
                    options.channels, interpolation)
 
 
-def _finish(index: SampleIndex, options, seed: int, size_multiple: int, make_samples) -> TrainingData:
-    """Buckets, bad-data policy, validation hold-out; `make_samples(index, plan, members)` builds the Dataset."""
-    # default granularity: about resolution / 16 (64 px at 1024 for SD3/SDXL-sized models), a multiple of the model's
-    step = options.bucket_step or size_multiple * max(1, options.resolution // 16 // size_multiple)
-    buckets = options.buckets
-    if isinstance(buckets, list):
-        wrong = [b for b in buckets if b[0] % size_multiple or b[1] % size_multiple]
-        if wrong:
-            raise UserError(f"data.buckets {wrong[:3]} have sides that are not multiples of {size_multiple} (this "
-                            "model's size multiple: latent downsampling x VAE factor); round them")
-    elif step % size_multiple:
-        raise UserError(f"data.bucket_step ({step}) must be a multiple of {size_multiple} for this model")
-    plan = plan_buckets(index.sizes, buckets, options.resolution, step, options.max_upscale)
+def assemble(parts: list[Part], options, seed: int, size_multiple: int, interpolation) -> TrainingData:
+    """Buckets, bad-data policy, validation hold-out and the Dataset of one or more indexed sources (data/multi.py)."""
+    index, plan, table, reader = concatenate(parts, size_multiple)
     problems = list(index.bad)
     for p in plan.too_small:
         h, w = index.sizes[p]
@@ -140,20 +151,58 @@ def _finish(index: SampleIndex, options, seed: int, size_multiple: int, make_sam
         raise UserError(f"{len(problems)} of {len(index) + len(index.bad)} images cannot be trained on: {shown}{more}. "
                         "Fix or remove them, or set data.on_bad_image=skip to train without them (the list is "
                         "written to RUN_DIR/data/skipped.txt)")
-    if plan.too_small:
-        small = set(plan.too_small)
-        keep = [i for i in range(len(index)) if i not in small]
+    bad_names = {n for n, _ in index.bad}
+    drop = set(plan.too_small) | {i for i, n in enumerate(index.names) if n in bad_names}
+    if drop:  # (mask problems are listed in `bad` but their images are still in the index)
+        keep = [i for i in range(len(index)) if i not in drop]
         index = index.subset(keep)
         plan = BucketPlan(plan.buckets, [plan.bucket_of[i] for i in keep], [])
+        table = table.subset(keep)
     if len(index) == 0:
         raise UserError("no image is left to train on after skipping the bad ones; fix the data")
-    validation = holdout(len(index), options.validation_split, seed)
+    instances = [p for p in range(len(index)) if not table.is_class[table.source_of[p]]]
+    validation = [instances[i] for i in holdout(len(instances), options.validation_split, seed)]
     held = set(validation)
-    train = [p for p in range(len(index)) if p not in held]
+    train = [p for p in instances if p not in held]
     data = TrainingData(None, index, plan, train, validation, options.random_flip, options.channels,
-                        index.fingerprint, problems)
-    data.samples = make_samples(index, plan, data.groups())
+                        index.fingerprint, problems, table, mixing_of(table, parts, train, len(index)))
+    augment = _augment(options, interpolation)
+    data.samples = ImageSamples(reader, index, plan, augment, seed, data.groups(), table)
     return data
+
+
+def instance_parts(entries: list[tuple[object, str]], cache_folder: Path | None) -> list[Part]:
+    """The indexed parts of (source options, label) entries: the sources, then their class-image folders."""
+    parts = []
+    for options, label in entries:
+        if options.name == "hf":
+            rows = _load_hf(options.dataset, options.config_name, options.split)
+            if options.max_samples is not None:
+                rows = rows.select(range(min(options.max_samples, len(rows))))
+            parts.append(Part(index_hf(options, rows), options, label, RowReader(rows, options.image_column)))
+        else:
+            parts.append(Part(index_imagefolder(options, cache_folder), options, label, file_reader))
+    for number, (options, label) in enumerate(entries):
+        if getattr(options, "with_prior_preservation", False):
+            parts.append(class_part(options, label, number, cache_folder))
+    return parts
+
+
+def class_part(options, label: str, number: int, cache_folder: Path | None) -> Part:
+    """The class images of a source with prior preservation (engine/class_images.py generated the missing
+    ones before the data was built): the first num_class_images of class_data_dir, captioned class_prompt."""
+    from difftrain.config.schema_data import ImageFolderDataConfig
+
+    folder = ImageFolderDataConfig(path=options.class_data_dir, resolution=options.resolution, buckets=options.buckets,
+                                   bucket_step=options.bucket_step, max_upscale=options.max_upscale,
+                                   instance_prompt=options.class_prompt, center_crop=options.center_crop)
+    index = index_imagefolder(folder, cache_folder)
+    if len(index) < options.num_class_images:
+        raise UserError(f"data.class_data_dir '{options.class_data_dir}' holds {len(index)} usable images, fewer "
+                        f"than data.num_class_images={options.num_class_images}; let difftrain generate the rest "
+                        "(it does before training when the folder is writable) or lower num_class_images")
+    index = index.subset(list(range(options.num_class_images)))
+    return Part(index, folder, f"{label}-class", file_reader, is_class=True, prior_of=number)
 
 
 def build_digits(options, interpolation, seed: int, size_multiple: int = 1, cache_folder=None) -> TrainingData:
@@ -184,24 +233,14 @@ def build_digits(options, interpolation, seed: int, size_multiple: int = 1, cach
 def build_imagefolder(options, interpolation, seed: int, size_multiple: int = 1,
                       cache_folder: Path | None = None) -> TrainingData:
     """A folder of images, indexed from headers (the scan is cached in `cache_folder`) and decoded in workers.
-    `options`: config/schema.py ImageFolderDataConfig."""
-    index = index_imagefolder(options, cache_folder)
-    augment = _augment(options, interpolation)
-    return _finish(index, options, seed, size_multiple,
-                   lambda ix, plan, members: ImageSamples(file_reader, ix, plan, augment, seed, members))
+    `options`: config/schema.py ImageFolderDataConfig (also data=dreambooth)."""
+    return assemble(instance_parts([(options, "data")], cache_folder), options, seed, size_multiple, interpolation)
 
 
 def build_hf(options, interpolation, seed: int, size_multiple: int = 1, cache_folder: Path | None = None) -> TrainingData:
     """A `datasets` dataset (a folder written by save_to_disk, a local folder load_dataset reads, or a hub id),
     kept as its memory-mapped Arrow table. `options`: config/schema_t2i.py HFDataConfig."""
-    rows = _load_hf(options.dataset, options.config_name, options.split)
-    if options.max_samples is not None:
-        rows = rows.select(range(min(options.max_samples, len(rows))))
-    index = index_hf(options, rows)
-    reader = RowReader(rows, options.image_column)
-    augment = _augment(options, interpolation)
-    return _finish(index, options, seed, size_multiple,
-                   lambda ix, plan, members: ImageSamples(reader, ix, plan, augment, seed, members))
+    return assemble(instance_parts([(options, "data")], cache_folder), options, seed, size_multiple, interpolation)
 
 
 def _load_hf(dataset: str, config_name: str | None, split: str):

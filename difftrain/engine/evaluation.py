@@ -114,7 +114,11 @@ class Evaluator:
                                    e["seed"])
 
     def export(self, model, ema) -> Path:
-        """final/ in the family's diffusers formats."""
+        """final/ in the family's diffusers formats; then export.lora_formats, the model card and, with
+        hub.push_on_finish, the upload (engine/model_card.py, from the run's config.yaml)."""
+        from difftrain.engine.model_card import finish_export
+
         final = self.run_dir / "final"
         self.family.export(final, model, ema, self.objective.schedule)
+        finish_export(self.run_dir)
         return final

@@ -38,6 +38,7 @@ class DiffusionObjective:
     dream: object | None = None  # components.dream DREAM callable, or None
     noise_offset: float = 0.0
     input_perturbation: float = 0.0
+    element_loss: object | None = None  # components.losses.ElementLoss; None = mse
 
     def draw(self, x0: torch.Tensor, generator: torch.Generator) -> StepNoise:
         """Every draw in a fixed order from `generator` (on the CPU, so every device gives the same numbers),
@@ -71,12 +72,42 @@ class DiffusionObjective:
             prediction, target = schedule.implied_sample(noisy, prediction, indices), x0
         return prediction, target.float()
 
-    def loss(self, family, model, x0: torch.Tensor, cond: dict, draw: StepNoise) -> torch.Tensor:
-        """mean over the batch of w(t) * per-sample MSE."""
+    def loss(self, family, model, x0: torch.Tensor, cond: dict, draw: StepNoise,
+             extras: dict | None = None) -> torch.Tensor:
+        """The training loss of one micro-batch (`loss_terms` without the logged parts)."""
+        return self.loss_terms(family, model, x0, cond, draw, extras)[0]
+
+    def loss_terms(self, family, model, x0: torch.Tensor, cond: dict, draw: StepNoise,
+                   extras: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, logged terms). The element loss (mse by default, components/losses.py) times the mask weights
+        (`extras["mask"]`, downsampled to the latent size by area averaging), averaged per sample, times w(t);
+        then the mean over the batch -- or, with DreamBooth class samples (`extras["prior"]`), the mean over the
+        instance samples plus the prior-weighted mean over the class samples (diffusers' train_dreambooth
+        split: instance loss + prior_loss_weight x prior loss)."""
         prediction, target = self.prediction_and_target(family, model, x0, cond, draw)
-        per_sample = ((prediction - target) ** 2).mean(dim=tuple(range(1, prediction.ndim)))
+        extras = extras or {}
+        if self.element_loss is None:
+            elements = (prediction - target) ** 2
+        else:
+            elements = self.element_loss(prediction, target, self.schedule, draw.indices)
+        mask = extras.get("mask")
+        if mask is not None:
+            mask = mask.to(elements.device, torch.float32)
+            if mask.shape[-2:] != elements.shape[-2:]:
+                mask = torch.nn.functional.adaptive_avg_pool2d(mask, elements.shape[-2:])
+            elements = elements * mask
+        per_sample = elements.mean(dim=tuple(range(1, prediction.ndim)))
         weights = self.weighting(self.schedule, draw.indices)
-        return (per_sample * weights).mean() if weights is not None else per_sample.mean()
+        if weights is not None:
+            per_sample = per_sample * weights
+        prior = extras.get("prior")
+        if prior is None or not bool(prior.any()):
+            return per_sample.mean(), {}
+        prior = prior.to(per_sample.device)
+        instance, class_loss = per_sample[~prior].mean(), per_sample[prior]
+        prior_weight = extras["prior_weight"].to(per_sample.device)[prior]
+        weighted = (class_loss * prior_weight).mean()
+        return instance + weighted, {"loss_instance": instance.detach(), "loss_prior": class_loss.mean().detach()}
 
     @torch.no_grad()
     def validation_loss(self, family, model, x0: torch.Tensor, cond: dict, num_timesteps: int, seed: int) -> float:
@@ -90,3 +121,17 @@ class DiffusionObjective:
             prediction, target = self.prediction_and_target(family, model, x0, cond, draw, use_dream=False)
             total += torch.mean((prediction - target) ** 2).item()
         return total / num_timesteps
+
+
+def loss_extras(batch: dict) -> dict:
+    """What a batch adds to the loss besides (x0, cond): per-pixel mask weights and DreamBooth's class-sample
+    flags. A mask m in [0, 1] (data.masks) weighs a pixel by unmasked_weight + (1 - unmasked_weight) * m."""
+    extras: dict = {}
+    masks = batch.get("masks")
+    if masks is not None:
+        m = masks.float() / 255.0
+        floor = batch["mask_floor"].float().view(-1, 1, 1, 1)
+        extras["mask"] = floor + (1.0 - floor) * m
+    if batch.get("prior") is not None:
+        extras["prior"], extras["prior_weight"] = batch["prior"], batch["prior_weight"]
+    return extras

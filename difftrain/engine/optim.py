@@ -7,15 +7,17 @@ import torch
 from difftrain.errors import UserError
 
 
-def build_optimizer(options, params) -> torch.optim.Optimizer:
-    """Registry target of the `optimizer` group (`options`: config/schema.py AdamWConfig or SGDConfig)."""
+def build_optimizer(options, params, device=None) -> torch.optim.Optimizer:
+    """Registry target of the `optimizer` group (`options`: config/schema.py AdamWConfig or SGDConfig).
+    `device` is where the run trains: AdamW uses torch's fused kernel on CUDA (one launch for all tensors)."""
     params = [p for p in params if p.requires_grad]
     if options.name == "sgd":
         return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay,
                                nesterov=options.nesterov)
     adam = {"lr": options.lr, "betas": tuple(options.betas), "weight_decay": options.weight_decay, "eps": options.eps}
     if options.name == "adamw":
-        return torch.optim.AdamW(params, **adam)
+        fused = device is not None and torch.device(device).type == "cuda"
+        return torch.optim.AdamW(params, **adam, **({"fused": True} if fused else {}))
     if options.name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -24,6 +26,18 @@ def build_optimizer(options, params) -> torch.optim.Optimizer:
                             "(it needs a CUDA GPU), or use optimizer=adamw") from None
         return bnb.optim.AdamW8bit(params, **adam)
     raise UserError(f"unknown optimizer {options.name!r}")
+
+
+def build_optimizer_on(node: dict, params, device):
+    """The `optimizer` option built over `params`; `device` is passed to targets that take it (plugin
+    optimizers registered with `target(options, params)` still work)."""
+    import inspect
+
+    from difftrain import registry
+
+    target = registry.get("optimizer", str(node["name"])).load()
+    takes_device = "device" in inspect.signature(target).parameters
+    return registry.build("optimizer", node, params=params, **({"device": device} if takes_device else {}))
 
 
 def build_lr_scheduler(options, optimizer, max_steps: int):

@@ -3,14 +3,17 @@
 The snapshots (RUN_DIR/ema_snapshots, written by components/posthoc_ema.PostHocEMA) are listed and checked
 (metadata and CRC; a corrupt one is reported and skipped), the least-squares weights of each target profile
 are solved in closed form (components/posthoc_ema.synthesis_weights), the snapshots are combined with those
-weights one file at a time (float64 accumulator), and the result is laid over the latest checkpoint's model
-weights and written as a diffusers model folder. model=unet2d only so far.
+weights one file at a time (float64 accumulator), and the result replaces the trainable weights of the run's
+model, rebuilt from its config through the family protocol (`RebuiltRun`: the latest checkpoint's weights
+for the rest), and written by the family's own `export`: a diffusers model folder (unet2d), a LoRA file
+(`pipe.load_lora_weights(folder)`) or a whole pipeline (full text-to-image fine-tunes).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,40 +118,96 @@ def synthesize(snapshots: list[Snapshot], sigma_rel: float, step: int | None = N
                      {k: v.float() for k, v in total.items()})
 
 
-def load_synthesized(root: Path, cfg: dict, tensors: dict[str, torch.Tensor], device: str = "cpu"):
-    """(FinishedRun, family): the run's model built from its config, the latest checkpoint's weights with the
-    synthesised ones laid over them (unet2d; the same build as the family's load_finished)."""
-    from difftrain import registry
-    from difftrain.engine import checkpoint as ckpt
+@dataclass
+class RebuiltRun:
+    """The run's model family built and prepared as training did it (engine/setup.py `build_run`: the same
+    registry options, `family.prepare` with the run's data, LoRA and validation prompts), without the optimizer,
+    the caches, the data workers or a process group. ema-synth lays synthesised weights over its trainable
+    ones and writes them with the family's own `export`; ema-sweep evaluates them in place."""
 
-    if cfg["model"]["name"] != "unet2d":
-        raise UserError(f"ema-synth writes model=unet2d runs only so far; this run is model={cfg['model']['name']} "
-                        "(use a unet2d run, or combine the snapshot files yourself with the weights it prints)")
-    from difftrain.config.schema import UNet2DConfig
-    from difftrain.families.unet2d import FinishedUNet2D
+    cfg: dict
+    family: object        # families.protocol.ModelFamily, prepared
+    data: object          # data.sources.TrainingData of the run's data config
+    schedule: object      # family.training_schedule(...) of the run
+    accelerator: object   # a one-process Accelerator on `device` (the run's mixed precision)
+    base: dict[str, torch.Tensor]  # the latest checkpoint's model tensors (what the snapshots do not cover)
+    _loss_inputs: tuple | None = None
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The synthesised trainable weights over the checkpoint's (family.load_checkpoint_tensors)."""
+        unknown = sorted(set(tensors) - set(self.base))
+        if unknown:
+            raise UserError(f"the snapshots name weights the run's checkpoint lacks ({unknown[:3]}); they belong "
+                            "to another run")
+        self.family.load_checkpoint_tensors(self.family.module, {**self.base, **tensors})
+
+    def export(self, folder: Path) -> None:
+        """The family's export with the loaded weights (no EMA: they are the EMA): unet2d `unet/` + `scheduler/`;
+        LoRA `pytorch_lora_weights.safetensors` + `scheduler/`; a full text-to-image fine-tune a whole pipeline."""
+        self.family.export(folder, self.family.module, None, self.schedule)
+
+    def generate(self, request):
+        return self.family.generate(self.family.module, self.schedule, request, self.device)
+
+    def val_loss(self) -> float:
+        """The fixed-noise validation loss of the run's `validation.loss_*` settings on the loaded weights; the
+        validation batch is encoded once (without the run's latent cache: through the VAE)."""
+        from difftrain import registry
+        from difftrain.engine.objective import DiffusionObjective
+
+        cfg, v = self.cfg, self.cfg["validation"]
+        objective = DiffusionObjective(
+            self.schedule, registry.build("weighting_scheme", cfg["weighting_scheme"]),
+            registry.build("loss_weighting", cfg["loss_weighting"]), registry.build("dream", cfg["dream"]),
+            noise_offset=cfg["noise"]["offset"], input_perturbation=cfg["noise"]["input_perturbation"])
+        if self._loss_inputs is None:
+            self._loss_inputs = self.family.inputs(self.data.validation_batch(v["loss_batch_size"]), self.device)
+        x0, cond = self._loss_inputs
+        with torch.no_grad():
+            return objective.validation_loss(self.family, self.family.module, x0, cond, v["loss_timesteps"], v["seed"])
+
+
+def rebuild(root: Path, cfg: dict, device: str = "cpu") -> RebuiltRun:
+    """RebuiltRun of RUN_DIR: the model from its config (a pretrained pipeline is loaded from where the run
+    loaded it), its data indexed again (t2i families read the captions and the bucket sizes in `prepare`)."""
+    from accelerate import Accelerator
+
+    from difftrain import registry
+    from difftrain.components.seeding import set_seed
+    from difftrain.engine import checkpoint as ckpt
+    from difftrain.engine.distributed import reset_accelerate_state
+    from difftrain.engine.setup import cache_folder
+    from difftrain.families.protocol import CacheOptions
 
     latest = ckpt.resolve_resume("latest", root)
     if latest is None:
         raise UserError(f"run '{root}' has no complete checkpoint to take the model's other weights from")
-    base = ckpt.read_tensors(latest, "model.safetensors")
-    unknown = sorted(set(tensors) - set(base))
-    if unknown:
-        raise UserError(f"the snapshots name weights the model lacks ({unknown[:3]}); they belong to another run")
-    base.update(tensors)
-    family = registry.get("model", "unet2d").load()(UNet2DConfig(**{**cfg["model"], "pretrained": None}))
-    family.load_checkpoint_tensors(family.module, base)
-    family.size = (int(cfg["data"]["resolution"]),) * 2
-    family.module.to(device).eval()
-    return FinishedUNet2D(family, registry.build("scheduler", cfg["scheduler"]), device), family
+    precision = cfg["trainer"]["mixed_precision"]
+    if device == "cpu" and precision == "fp16":
+        precision = "no"  # fp16 needs a GPU; on the CPU the frozen parts stay fp32
+    reset_accelerate_state()
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=precision)
+    set_seed(cfg["seed"])  # as build_run: the same initialisation before the weights are replaced
+    family = registry.build("model", cfg["model"])
+    data = registry.build("data", cfg["data"], interpolation=registry.build("interpolation", cfg["interpolation"]),
+                          seed=cfg["seed"], size_multiple=family.size_multiple, cache_folder=cache_folder(cfg, root))
+    schedule = family.training_schedule(registry.build("scheduler", cfg["scheduler"]))
+    no_caches = CacheOptions(latents=False, text=False, folder=cache_folder(cfg, root), prune=False)
+    family.prepare(data, accelerator, registry.build("lora", cfg["lora"]), no_caches,
+                   list(cfg["validation"]["prompts"]))
+    accelerator.prepare_model(family.module, evaluation_mode=True)  # on the device, autocast in forward
+    family.module.eval()
+    return RebuiltRun(cfg, family, data, schedule, accelerator, ckpt.read_tensors(latest, "model.safetensors"))
 
 
-def write_model(out: Path, run, synthesis: Synthesis) -> Path:
-    """out/unet (UNet2DModel folder), out/scheduler and out/synthesis.json (weights and fit error)."""
+def write_target(out: Path, run: RebuiltRun, synthesis: Synthesis) -> Path:
+    """The family's export of the synthesised weights into `out`, plus out/synthesis.json (weights, fit error)."""
     out.mkdir(parents=True, exist_ok=True)
-    run.unet2d.module.save_pretrained(out / "unet")
-    scheduler = getattr(run.schedule, "scheduler", None)
-    if scheduler is not None:
-        scheduler.save_pretrained(out / "scheduler")
+    run.export(out)
     (out / "synthesis.json").write_text(json.dumps({
         "sigma_rel": synthesis.sigma_rel, "gamma": synthesis.gamma, "step": synthesis.step,
         "fit_error": synthesis.fit_error, "weights": dict(synthesis.weights)}, indent=2))
@@ -160,36 +219,23 @@ def target_folder(out_root: Path, sigma_rel: float, step: int) -> Path:
 
 
 def synth_all(root: Path, cfg: dict, sigma_rels: list[float], step: int | None, out_root: Path,
-              device: str = "cpu") -> list[tuple[Synthesis, Path, object]]:
-    """ema-synth: one model folder per target; returns (synthesis, folder, FinishedRun) per target."""
+              device: str = "cpu") -> Iterator[tuple[Synthesis, Path, RebuiltRun]]:
+    """ema-synth: one folder per target. Yields (synthesis, folder, run) with the target's weights loaded
+    into `run` (one model for every target: evaluate it before taking the next)."""
     snapshots = list_snapshots(root)
-    done = []
+    run = rebuild(root, cfg, device)
     for sigma in sigma_rels:
         synthesis = synthesize(snapshots, sigma, step)
-        run, _ = load_synthesized(root, cfg, synthesis.tensors, device)
-        folder = write_model(target_folder(out_root, sigma, synthesis.step), run, synthesis)
-        synthesis.tensors = {}  # written: do not keep every target's weights
-        done.append((synthesis, folder, run))
-    return done
+        run.load(synthesis.tensors)
+        folder = write_target(target_folder(out_root, sigma, synthesis.step), run, synthesis)
+        synthesis.tensors = {}  # loaded and written: do not keep every target's weights
+        yield synthesis, folder, run
 
 
-def val_loss_of(cfg: dict, run, root: Path) -> float:
-    """The fixed-noise validation loss of the run's config (validation.loss_*), on the synthesised weights."""
-    from difftrain import registry
-    from difftrain.engine.objective import DiffusionObjective
-    from difftrain.engine.setup import cache_folder
-
-    family = run.unet2d
-    data = registry.build("data", cfg["data"], interpolation=registry.build("interpolation", cfg["interpolation"]),
-                          seed=cfg["seed"], size_multiple=family.size_multiple, cache_folder=cache_folder(cfg, root))
-    objective = DiffusionObjective(
-        run.schedule, registry.build("weighting_scheme", cfg["weighting_scheme"]),
-        registry.build("loss_weighting", cfg["loss_weighting"]), registry.build("dream", cfg["dream"]),
-        noise_offset=cfg["noise"]["offset"], input_perturbation=cfg["noise"]["input_perturbation"])
-    v = cfg["validation"]
-    x0, cond = family.inputs(data.validation_batch(v["loss_batch_size"]), run.device)
-    with torch.no_grad():
-        return objective.validation_loss(family, family.module, x0, cond, v["loss_timesteps"], v["seed"])
+def check_metric(cfg: dict, metric: str) -> None:
+    if metric == "accuracy" and (cfg["data"]["name"] != "digits" or not cfg["model"].get("num_class_embeds")):
+        raise UserError("--metric accuracy is the digits-classifier accuracy: it needs a class-conditional run on "
+                        "data=digits; use --metric val_loss for other runs (text-to-image ones too)")
 
 
 def sweep(root: Path, cfg: dict, sigma_rels: list[float], metric: str, step: int | None, out_root: Path,
@@ -197,9 +243,7 @@ def sweep(root: Path, cfg: dict, sigma_rels: list[float], metric: str, step: int
     """ema-sweep: synthesise and evaluate every sigma_rel; CSV, PNG (with matplotlib) and the best one."""
     from difftrain.engine.evaluation import digits_accuracy
 
-    if metric == "accuracy" and (cfg["data"]["name"] != "digits" or not cfg["model"].get("num_class_embeds")):
-        raise UserError("--metric accuracy is the digits-classifier accuracy: it needs a class-conditional run on "
-                        "data=digits; use --metric val_loss for other runs")
+    check_metric(cfg, metric)
     rows = []
     for synthesis, folder, run in synth_all(root, cfg, sigma_rels, step, out_root, device):
         if metric == "accuracy":
@@ -207,7 +251,7 @@ def sweep(root: Path, cfg: dict, sigma_rels: list[float], metric: str, step: int
             value = digits_accuracy(run.generate, cfg["data"]["num_classes"], e["samples_per_label"],
                                     e["inference_steps"], e["seed"])["accuracy"]
         else:
-            value = val_loss_of(cfg, run, root)
+            value = run.val_loss()
         rows.append({"sigma_rel": synthesis.sigma_rel, "gamma": synthesis.gamma, "step": synthesis.step,
                      metric: value, "fit_error": synthesis.fit_error, "model": str(folder)})
     best = (max if metric == "accuracy" else min)(rows, key=lambda r: r[metric])

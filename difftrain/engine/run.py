@@ -4,12 +4,21 @@ the loop (engine/trainer.py), export and evaluation (engine/evaluation.py), and 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.preemption import Preempted, requeue_slurm_job, requeued_slurm_job
-from difftrain.engine.run_files import config_changes, default_run_dir, prepare_run_dir
+from difftrain.engine.run_files import (
+    close_train_log,
+    config_changes,
+    default_run_dir,
+    open_train_log,
+    prepare_run_dir,
+    quiet_console,
+)
+from difftrain.engine.trackers import Trackers, check_trackers
 from difftrain.errors import UserError, warn
 
 
@@ -58,10 +67,10 @@ def _check_resume_config(run_dir: Path, cfg: dict) -> None:
 def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     """Train, export and evaluate; returns the summary written to summary.json."""
     from difftrain.engine.distributed import make_accelerator
-    from difftrain.engine.setup import build_run
-    from difftrain.engine.trainer import Trainer
 
     started = time.perf_counter()
+    quiet_console()  # library log records and warnings go to train.log, not to the console
+    check_trackers(cfg["logging"])  # a tracker whose package is missing stops the run before anything is built
     accelerator = make_accelerator(cfg)
     run_dir = choose_run_dir(cfg, accelerator, fallback_dir)
     if not cfg["resume"] and requeued_slurm_job() and (run_dir / "config.yaml").is_file():
@@ -85,13 +94,36 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     problem = _from_rank0(accelerator, problem)  # every rank stops with rank 0's error (no rank left waiting)
     if problem is not None:
         raise UserError(problem)
+    if accelerator.is_main_process:
+        open_train_log(run_dir)
+    try:
+        return _train_export_evaluate(cfg, run_dir, accelerator, resume_from, started)
+    except BaseException as exc:  # the whole story in train.log (the console shows the error itself)
+        logging.getLogger("difftrain").error("the run stopped: %s", exc, exc_info=not isinstance(exc, UserError))
+        raise
+    finally:
+        close_train_log()
+
+
+def _train_export_evaluate(cfg: dict, run_dir: Path, accelerator, resume_from: Path | None, started: float) -> dict:
+    from difftrain.engine.setup import build_run
+    from difftrain.engine.trainer import Trainer
+
     parts = build_run(cfg, run_dir, accelerator)
     trainer = Trainer(parts, cfg["trainer"], cfg["seed"], run_dir, resume_from)
     if accelerator.is_main_process:  # only once everything is built: a load error leaves no "run" behind
         _write_config(run_dir, cfg)
+    trackers = Trackers(cfg, run_dir, accelerator.is_main_process, resume_step=trainer.step or None)
+    try:
+        return _fit_and_finish(run_dir, accelerator, parts, trainer, trackers, started)
+    finally:
+        trackers.close()
+
+
+def _fit_and_finish(run_dir: Path, accelerator, parts, trainer, trackers, started: float) -> dict:
     start_step = trainer.step
     try:
-        trainer.fit()
+        trainer.fit(trackers)
     except Preempted as stopped:
         if accelerator.is_main_process:
             stopped.args = (str(stopped) + requeue_slurm_job(),)
@@ -105,6 +137,7 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
         if result is not None:
             summary["eval"] = result
             (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+            trackers.log(trainer.step, {"eval/accuracy": result["accuracy"]})
         last = _last_metrics(run_dir)
         summary.update({k: last.get(k) for k in ("loss", "val_loss", "val_loss_ema") if k in last})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -9,14 +9,19 @@ option group is built by the registry.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 
 from difftrain import registry
 from difftrain.components.seeding import set_seed
 from difftrain.data.loader import BatchStream
+from difftrain.engine.compile import apply_speed_options
 from difftrain.engine.evaluation import Evaluator
+from difftrain.engine.class_images import ensure_class_images, prior_sources
 from difftrain.engine.objective import DiffusionObjective
+from difftrain.engine.optim import build_optimizer_on
 from difftrain.engine.strategies import strategy_for
 from difftrain.families.protocol import CacheOptions
 
@@ -58,6 +63,8 @@ def build_run(cfg: dict, run_dir: Path, accelerator) -> RunParts:
     set_seed(cfg["seed"], deterministic=trainer["deterministic"])  # model init is identical on all ranks
     interpolation = registry.build("interpolation", cfg["interpolation"])
     family = registry.build("model", cfg["model"])
+    if prior_sources(cfg["data"]):  # DreamBooth: missing class images come from the base pipeline
+        ensure_class_images(cfg, family, accelerator)
     data = registry.build("data", cfg["data"], interpolation=interpolation, seed=cfg["seed"],
                           size_multiple=family.size_multiple, cache_folder=cache_folder(cfg, run_dir))
     if accelerator.is_main_process:
@@ -66,19 +73,24 @@ def build_run(cfg: dict, run_dir: Path, accelerator) -> RunParts:
     objective = DiffusionObjective(
         schedule, registry.build("weighting_scheme", cfg["weighting_scheme"]),
         registry.build("loss_weighting", cfg["loss_weighting"]), registry.build("dream", cfg["dream"]),
-        noise_offset=cfg["noise"]["offset"], input_perturbation=cfg["noise"]["input_perturbation"])
+        noise_offset=cfg["noise"]["offset"], input_perturbation=cfg["noise"]["input_perturbation"],
+        element_loss=None if cfg["loss"]["name"] == "mse" else registry.build("loss", cfg["loss"]))
     lora = registry.build("lora", cfg["lora"])
-    family.prepare(data, accelerator, lora, cache_options(cfg, run_dir), list(cfg["validation"]["prompts"]))
+    caches = cache_options(cfg, run_dir)
+    if caches.text is None and getattr(data, "random_captions", False):  # shuffled tags: one embedding per
+        caches = dataclasses.replace(caches, text=False)                  # caption would be stale
+    family.prepare(data, accelerator, lora, caches, list(cfg["validation"]["prompts"]))
     if trainer["gradient_checkpointing"]:
         family.module.enable_gradient_checkpointing()
-    optimizer = registry.build("optimizer", cfg["optimizer"], params=family.trainable_parameters())
+    apply_speed_options(family.module, trainer, accelerator.device)  # tf32, channels_last, compile (in place)
+    optimizer = build_optimizer_on(cfg["optimizer"], family.trainable_parameters(), accelerator.device)
     lr_scheduler = registry.build("lr_scheduler", cfg["lr_scheduler"], optimizer=optimizer,
                                   max_steps=trainer["max_steps"])
     model, optimizer = accelerator.prepare(family.module, optimizer)  # the LR schedule is stepped by us
     strategy = strategy_for(accelerator, model, optimizer, family)
     strategy.cast_half_inputs()
     ema_factory = registry.build("ema", cfg["ema"])
-    ema = ema_factory(accelerator.unwrap_model(model)) if ema_factory is not None else None
+    ema = ema_factory(strategy.unwrapped) if ema_factory is not None else None
     order = data.order(trainer["batch_size"], trainer["grad_accum"], accelerator.num_processes, cfg["seed"])
     stream = data.stream(order, accelerator.process_index, trainer["max_steps"], trainer["num_workers"],
                          trainer["prefetch_factor"], pin_memory=accelerator.device.type == "cuda")

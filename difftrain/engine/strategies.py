@@ -35,7 +35,13 @@ class DDPStrategy:
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        """The module inside DDP (and inside a torch.compile wrapper): accelerate's unwrap_model would import
+        DeepSpeed whenever it is installed, and DeepSpeed prints its accelerator warning on import."""
+        inner = self.model
+        while isinstance(inner, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or \
+                hasattr(inner, "_orig_mod"):
+            inner = inner._orig_mod if hasattr(inner, "_orig_mod") else inner.module
+        return inner
 
     def save(self, tmp: Path) -> None:
         if self.is_main:
@@ -67,6 +73,10 @@ class DeepSpeedStrategy(DDPStrategy):
         # the dtype DeepSpeed casts the module to (bf16/fp16), or None (fp32)
         self.half_dtype = torch.bfloat16 if ds["bf16"]["enabled"] else torch.float16 if ds["fp16"]["enabled"] else None
         self._plain_copy: torch.nn.Module | None = None
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)  # the module inside the DeepSpeed engine
 
     def save(self, tmp: Path) -> None:
         self.accelerator.wait_for_everyone()  # rank 0 has created tmp

@@ -18,6 +18,8 @@ import torch
 from difftrain.components.seeding import seed_for
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.disk import guarded_save
+from difftrain.engine.loss_terms import LossTerms
+from difftrain.engine.objective import loss_extras
 from difftrain.engine.preemption import Preempted, StopRequests
 from difftrain.engine.run_files import MetricsLog, Progress
 from difftrain.errors import TrainingDiverged, UserError
@@ -33,6 +35,9 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.step, self.interval = 0, {"loss": 0.0, "count": 0, "time": time.perf_counter()}
+        stream = getattr(parts, "stream", None)  # DreamBooth's loss parts, samples per source (docs/recipes.md)
+        self.terms = (LossTerms(parts.data, stream.order, self.world, options["grad_accum"])
+                      if stream is not None and getattr(parts, "data", None) is not None else None)
         if hasattr(self.ema, "bind_run"):  # ema=posthoc writes its snapshots into the run folder
             self.ema.bind_run(run_dir, self.is_main, options["max_steps"])
         if resume_from is not None:
@@ -40,7 +45,7 @@ class Trainer:
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return self.strategy.unwrapped  # DDP: without accelerate's unwrap_model, which imports DeepSpeed
 
     # ---- one optimizer step --------------------------------------------------------------------
     def micro_batch(self, micro: int):
@@ -48,10 +53,13 @@ class Trainer:
         batch = self.parts.stream.batch(self.step, micro)
         generator = torch.Generator().manual_seed(seed_for(self.seed, self.rank, f"batch/{self.step}/{micro}"))
         x0, cond = self.family.inputs(batch, self.device, generator=generator)
-        return x0, cond, self.objective.draw(x0, generator)
+        return x0, cond, self.objective.draw(x0, generator), loss_extras(batch)
 
-    def compute_loss(self, x0, cond, draw) -> torch.Tensor:
-        return self.objective.loss(self.family, self.model, x0, cond, draw)
+    def compute_loss(self, x0, cond, draw, extras=None) -> torch.Tensor:
+        loss, terms = self.objective.loss_terms(self.family, self.model, x0, cond, draw, extras)
+        if self.terms is not None:
+            self.terms.add(terms, loss.detach())
+        return loss
 
     def train_step(self) -> tuple[float, float | None]:
         self.model.train()
@@ -72,14 +80,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(self.unwrapped)
+        if self.terms is not None:
+            self.terms.end_step(self.accelerator)
         loss_value = float(self.accelerator.reduce(total, reduction="mean")) / self.options["grad_accum"]
         return loss_value, grad_norm
 
     # ---- the loop ------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, trackers=None) -> dict:
+        """`trackers`: engine.trackers.Trackers that get every metric and grid (None: metrics.jsonl only)."""
         t = self.options
-        metrics = MetricsLog(self.run_dir, self.is_main, resume_step=self.step if self.step else None)
-        progress = Progress(t["max_steps"], self.step, self.is_main and t["progress"])
+        metrics = MetricsLog(self.run_dir, self.is_main, resume_step=self.step if self.step else None,
+                             trackers=trackers)
+        progress = Progress(t["max_steps"], self.step, self.is_main, plain=not t["progress"], every=t["log_every"])
         stops = StopRequests(t["checkpoint_on_signals"], t["checkpoint_every_minutes"], self.is_main)
         stops.install()
         try:
@@ -135,6 +147,7 @@ class Trainer:
             "ema_decay": self.ema.decay if self.ema is not None else None,
             "grad_norm": grad_norm, "samples_per_s": count * global_batch / max(now - self.interval["time"], 1e-9),
             "global_batch": global_batch,
+            **(self.terms.metrics(self.step, count) if self.terms is not None else {}),
         })
         self.interval = {"loss": 0.0, "count": 0, "time": now}
 
@@ -158,6 +171,7 @@ class Trainer:
                 "step": self.step, "world_size": self.world, "seed": self.seed, "engine": self.strategy.name,
                 "batch_size": self.options["batch_size"], "grad_accum": self.options["grad_accum"],
                 "interval_loss": self.interval["loss"].hex(), "interval_count": self.interval["count"],
+                **(self.terms.state() if self.terms is not None else {}),
             })
             final = ckpt.publish(root, tmp, self.step)
             ckpt.prune(root, self.options["checkpoints_total_limit"], protect=final)
@@ -185,5 +199,7 @@ class Trainer:
             raise UserError(f"checkpoint '{path}' does not match this model/optimizer ({str(exc)[:300]}); "
                             "resume with the config the run was started with") from None
         self.step = int(state["step"])
+        if self.terms is not None:
+            self.terms.load_state(state)
         self.interval = {"loss": float.fromhex(state["interval_loss"]), "count": state["interval_count"],
                          "time": time.perf_counter()}

@@ -149,7 +149,7 @@ class FluxFamily(ForwardsToLatentTextToImage):
                        pipeline=pipeline_flux, prompt_kwargs=prompt_kwargs_flux, save_lora=save_lora_flux,
                        export_scheduler=export_scheduler_flux, text_options={"max_sequence_length": length})
         self.name = options.name
-        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "transformer"))
+        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "transformer"), options)
         self.module = self.t2i.module
 
     def training_schedule(self, configured):

@@ -117,7 +117,7 @@ class SD15Family(ForwardsToLatentTextToImage):
                        prompt_kwargs=prompt_kwargs_sd15, save_lora=save_lora_sd15,
                        export_scheduler=export_scheduler_sd15)
         self.name = name
-        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "unet"))
+        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "unet"), options)
         self.module = self.t2i.module
 
     def training_schedule(self, configured):

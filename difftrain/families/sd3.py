@@ -143,7 +143,7 @@ class SD3Family(ForwardsToLatentTextToImage):
                        save_lora=save_lora_sd3, export_scheduler=export_scheduler_sd3,
                        text_options={"max_sequence_length": max_sequence_length})
         self.name = name
-        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "transformer"))
+        self.t2i = LatentTextToImage(spec, pipeline_parts(source, index, components, "transformer"), options)
         self.module = self.t2i.module
 
     def training_schedule(self, configured):

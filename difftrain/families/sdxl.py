@@ -174,7 +174,7 @@ class SDXLFamily(ForwardsToLatentTextToImage):
         if self.vae_override:  # the exported pipeline is reloaded with the VAE that trained
             parts = replace(parts, null_components={**parts.null_components, "vae": components["vae"]})
         self.name = options.name
-        self.t2i = LatentTextToImage(spec, parts)
+        self.t2i = LatentTextToImage(spec, parts, options)
         self.module = self.t2i.module
 
     def training_schedule(self, configured):

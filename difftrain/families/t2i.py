@@ -40,6 +40,17 @@ def pixel_multiple(vae_factor: int, latent_multiple: int) -> int:
     return math.lcm(vae_factor * latent_multiple, 8)
 
 
+VAE_TILING_ABOVE = 1536  # model.vae_tiling=null tiles the VAE when a bucket side exceeds this many pixels
+
+
+def vae_tiling_wanted(setting: bool | None, buckets) -> bool:
+    """model.vae_tiling: true/false, or null = when a bucket side exceeds VAE_TILING_ABOVE (a 2048 px image
+    encoded in one pass needs several GB of activations)."""
+    if setting is not None:
+        return bool(setting)
+    return any(max(h, w) > VAE_TILING_ABOVE for h, w in buckets)
+
+
 def cast(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """module.to(device, dtype) without diffusers' warning on every dtype cast (it fires for an empty
     _keep_in_fp32_modules list too); modules that keep parts in fp32 go through their own to()."""
@@ -131,8 +142,12 @@ class PromptEmbeddings:
 class LatentTextToImage:
     """The shared ModelFamily work of a latent text-to-image family, configured by its `T2ISpec`."""
 
-    def __init__(self, spec: T2ISpec, parts: PipelineParts) -> None:
+    def __init__(self, spec: T2ISpec, parts: PipelineParts, options=None) -> None:
+        """`options`: the family's model schema (config/schema_t2i.py): quantize_base, vae_tiling."""
         self.spec, self.source, self.null_components = spec, parts.source, parts.null_components
+        self.quantize_base = getattr(options, "quantize_base", "none")
+        self.vae_tiling = getattr(options, "vae_tiling", None)
+        self.vae_tiled = False
         self.vae, self.tokenizers = parts.vae, parts.tokenizers
         self.frozen_encoders = dict(parts.text_encoders)  # emptied when LoRA trains them or the cache has all
         self.inference_scheduler = parts.scheduler
@@ -175,12 +190,19 @@ class LatentTextToImage:
         denoiser = self.module.denoiser
         self.vae_dtype = self.spec.vae_dtype or dtype
         cast(self.vae.requires_grad_(False), device, self.vae_dtype)
+        self.vae_tiled = vae_tiling_wanted(self.vae_tiling, data.plan.buckets)
+        if self.vae_tiled:
+            self.vae.enable_tiling()
         for encoder in self.frozen_encoders.values():
             cast(encoder.requires_grad_(False), None, dtype)
         if lora is None:
             denoiser.requires_grad_(True)
         else:  # freeze -> cast the base -> adapters -> adapters (only) back to fp32
             cast(denoiser.requires_grad_(False), None, dtype)
+            if self.quantize_base != "none":  # QLoRA: the frozen base stored quantised (families/quantize.py)
+                from difftrain.families.quantize import quantize_frozen_base
+
+                quantize_frozen_base(denoiser, self.quantize_base, device, dtype)
             lora_io.add_denoiser_adapter(denoiser, lora, self.spec.lora_targets)
             if lora.train_text_encoder:
                 for name in self.spec.lora_text_encoders:
@@ -213,8 +235,9 @@ class LatentTextToImage:
 
         source = {"pretrained": self.source.pretrained, "revision": self.source.revision,
                   "variant": self.source.variant, "family": self.spec.name, "dtype": str(self.weight_dtype)}
-        if options.latents:
-            self.latent_cache = build_latent_cache(self, data, options, source)
+        if options.latents:  # tiled latents differ slightly: the cache key says so (only when tiled)
+            latent_source = {**source, "vae_tiling": True} if self.vae_tiled else source
+            self.latent_cache = build_latent_cache(self, data, options, latent_source)
         cache_text = options.text if options.text is not None else not self.trains_text
         if cache_text:
             self.text_cache = build_text_cache(self, data, options, source, captions)

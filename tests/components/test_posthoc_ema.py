@@ -138,3 +138,33 @@ def test_checkpoint_state_round_trip_and_mismatch():
         assert torch.equal(model.weight, ema.shadows[0][0])
     assert torch.equal(model.weight, live)
     assert not math.isnan(ema.decay)
+
+
+def test_update_in_pieces_equals_a_whole_tensor_lerp_per_profile():
+    """The read-once update (pieces of update_chunk_bytes, a big tensor split, a non-contiguous and a bf16
+    parameter, cached parameter views) is bitwise the plain per-tensor lerp of every profile, also after a
+    parameter gets new storage."""
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.big = torch.nn.Parameter(torch.randn(300, 200))
+    model.small = torch.nn.Parameter(torch.randn(7))
+    model.strided = torch.nn.Parameter(torch.randn(20, 30).t())
+    model.bf16 = torch.nn.Parameter(torch.randn(50, 3).bfloat16())
+    assert not model.strided.is_contiguous()
+    ema = ph.PostHocEMA(model, [0.05, 0.10, 0.2], snapshot_every=10**9)
+    ema.update_chunk_bytes = 4096  # 1024 elements: `big` in 59 pieces
+    reference = [[s.clone() for s in shadow] for shadow in ema.shadows]
+    params = [p for _, p in model.named_parameters()]
+    for t in range(1, 7):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+            if t == 4:
+                model.big.data = model.big.data.clone()  # new storage: the cached views are rebuilt
+        ema.step(model)
+        for shadow, gamma in zip(reference, ema.gammas):
+            for s, p in zip(shadow, params):
+                s.lerp_(p.detach().float(), 1.0 - ph.beta(gamma, t))
+    assert len(ema._plans[(0, 1, 2, 3)]) > 59
+    for mine, ref in zip(ema.shadows, reference):
+        assert all(torch.equal(a, b) for a, b in zip(mine, ref))

@@ -8,11 +8,12 @@ import inspect
 import pytest
 
 from difftrain.cli.train import compose_config
-from difftrain.config import rules, rules_t2i, validate
+from difftrain.config import rules, rules_recipes, rules_t2i, validate
 from difftrain.config.rules import RULES
 from difftrain.config.validate import ConfigError
 
 T2I = ["model=sd15", "model.pretrained=<pipe>", "data=imagefolder", "data.path=<images>"]
+T2I_MODEL = ["model=sd15", "model.pretrained=<pipe>"]
 SD3 = ["model=sd3", "model.pretrained=<pipe>", "data=imagefolder", "data.path=<images>"]
 IGNORED_SD15 = ("num_train_timesteps, beta_schedule, beta_start, beta_end, clip_sample (only "
                 "scheduler.prediction_type and scheduler.rescale_betas_zero_snr apply)")
@@ -128,6 +129,34 @@ CASES = [
      ["data.cache_latents applies to text-to-image models (model=sd15 or model=sd3), not model=unet2d; remove it",
       "data.caption_dropout applies to text-to-image models (model=sd15 or model=sd3), not model=unet2d; "
       "remove it"]),
+    ("sources_entries_are_valid", [*T2I_MODEL, "data=sources"],
+     ["data=sources needs data.sources, a list such as '[{path: ./photos}, {path: ./style, repeats: 2}]'"]),
+    ("sources_entries_are_valid",
+     [*T2I_MODEL, "data=sources", "data.sources=[{path: <images>, repeat: 2}, {kind: hf}, {path: <missing>}, 3]"],
+     ["data.sources[0].repeat is not a key of imagefolder sources; entry keys: buckets, caption_column, "
+      "caption_dropout, caption_prefix, caption_suffix, class_data_dir, class_image_steps, class_prompt, "
+      "instance_prompt, keep_tags, kind, masks, name, num_class_images, num_classes, path, prior_loss_weight, "
+      "repeats, resolution, shuffle_tags, tag_dropout, unmasked_weight, with_prior_preservation",
+      "data.sources[1].dataset is required for kind: hf (a hub id, a save_to_disk folder or a local folder)",
+      "data.sources[2].path '<missing>' is not a folder: give each imagefolder entry the folder of its images",
+      "data.sources[3] must be a mapping such as {path: ./photos, repeats: 2}, got 3"]),
+    ("recipes_need_text_to_image", ["data=imagefolder", "data.path=<images>", "data.shuffle_tags=true"],
+     ["data.shuffle_tags applies to text-to-image models (model=sd15|sdxl|sd3|flux), not model=unet2d; remove it"]),
+    ("prior_preservation_is_complete", [*T2I_MODEL, "data=dreambooth", "data.path=<images>"],
+     ["data.with_prior_preservation=true needs data.class_prompt (e.g. 'a photo of a dog')",
+      "data.with_prior_preservation=true needs data.class_data_dir (e.g. ./class_images/dog)"]),
+    ("prior_with_cached_latents_needs_one_size",
+     [*T2I, "data.with_prior_preservation=true", "data.class_prompt=dog", "data.class_data_dir=<missing>",
+      "data.cache_latents=true", "data.buckets=auto"],
+     ["data.with_prior_preservation with data.cache_latents=true needs one image size (class images are cached "
+      "at it): set data.buckets=none and one resolution, or data.cache_latents=false"]),
+    ("masks_from_files_need_an_image_folder",
+     ["model=sd15", "model.pretrained=<pipe>", "data=hf", "data.dataset=org/photos", "data.masks=files"],
+     ["data.masks=files reads <stem>_mask.png files beside images; a datasets source has none: use "
+      "data.masks=alpha (the image's alpha channel)"]),
+    ("random_captions_cannot_cache_text", [*T2I, "data.shuffle_tags=true", "data.cache_text_embeddings=true"],
+     ["data.shuffle_tags / tag_dropout change each caption every epoch, so one cached embedding per caption "
+      "would be stale: set data.cache_text_embeddings=null (off for these runs) or false"]),
     ("text_encoder_training_cannot_cache",
      [*T2I, "lora=on", "lora.train_text_encoder=true", "data.cache_text_embeddings=true"],
      ["lora.train_text_encoder=true trains the text encoders, so their embeddings change every step and cannot "
@@ -171,6 +200,26 @@ CASES = [
       "machine without GPUs leave trainer.cpu=false: DeepSpeed picks its CPU accelerator itself"]),
     ("deepspeed_not_with_adamw8bit", ["distributed=deepspeed_zero2", "optimizer=adamw8bit"],
      ["optimizer=adamw8bit is not supported under DeepSpeed; use optimizer=adamw"]),
+    ("lora_formats_are_known", ["export.lora_formats=[onnx,onnx]"],
+     ["export.lora_formats: 'onnx' is not a LoRA format; choose from diffusers, kohya",
+      "export.lora_formats=['onnx', 'onnx'] leaves out diffusers, which is always written (the kohya file is "
+      "converted from it): use export.lora_formats=[diffusers,kohya]",
+      "export.lora_formats=['onnx', 'onnx'] names a format twice; list each once"]),
+    ("kohya_lora_format_needs_a_kohya_layout", [*SD3, "lora=on", "export.lora_formats=[diffusers,kohya]"],
+     ["export.lora_formats has kohya, but model=sd3 has no kohya LoRA layout that diffusers loads (kohya files "
+      "exist for sd15, sdxl and flux); use export.lora_formats=[diffusers]: ComfyUI reads SD3's diffusers file "
+      "itself"]),
+    ("kohya_lora_format_needs_a_kohya_layout", [*T2I, "export.lora_formats=[diffusers,kohya]"],
+     ["export.lora_formats has kohya, but lora=none: a full fine-tune has no LoRA to convert; add lora=on, or use "
+      "export.lora_formats=[diffusers]"]),
+    ("hub_push_needs_a_repo_id", ["hub.push_on_finish=true"],
+     ["hub.push_on_finish=true needs hub.repo_id=org/name, the model repository to upload final/ to"]),
+    ("hub_push_needs_a_repo_id", ["hub.repo_id=a/b/c"],
+     ["hub.repo_id='a/b/c' is not a Hugging Face repo id: use org/name with letters, digits, '-', '_' and '.'"]),
+    ("trackers_known_and_installed", ["logging.report_to=[tensorboard,weights,tensorboard]"],
+     ["logging.report_to: 'weights' is not a tracker; choose from tensorboard, wandb, mlflow, comet_ml, aim, "
+      "clearml, dvclive", "logging.report_to=['tensorboard', 'weights', 'tensorboard'] names a tracker twice; "
+      "list each once"]),
 ]
 
 
@@ -209,7 +258,7 @@ def test_each_rule_fires_with_its_exact_message(rule, overrides, messages, paths
 
 
 def test_every_rule_is_listed_triggered_and_documented_in_one_line():
-    defined = {name for module in (rules, rules_t2i) for name, fn in inspect.getmembers(module, inspect.isfunction)
+    defined = {name for module in (rules, rules_t2i, rules_recipes) for name, fn in inspect.getmembers(module, inspect.isfunction)
                if fn.__module__ == module.__name__ and not name.startswith("_") and name != "check_rules"}
     assert defined == {r.__name__ for r in RULES}  # no rule defined but not run
     assert len(set(RULES)) == len(RULES)

@@ -22,6 +22,7 @@ PRESETS = {
     ("scheduler", "ddpm_v"): ("ddpm", {"prediction_type": "v_prediction"}),
     ("ema", "ema_warmup"): ("ema", {"use_ema_warmup": True, "power": 0.75}),
     ("distributed", "deepspeed_zero3"): ("deepspeed_zero2", {"zero_stage": 3}),
+    ("data", "dreambooth"): ("imagefolder", {"with_prior_preservation": True}),
 }
 
 # Keys whose YAML value is an interpolation, not a literal: compared before resolution with the string below,
@@ -33,6 +34,8 @@ INTERPOLATED = {
     # the captioned-image sources default to the model's native resolution (sd15 512, sd3 1024) when it has one
     ("data", "imagefolder"): {"resolution": "${oc.select:model.resolution,64}"},
     ("data", "hf"): {"resolution": "${oc.select:model.resolution,512}"},
+    ("data", "dreambooth"): {"resolution": "${oc.select:model.resolution,64}"},
+    ("data", "sources"): {"resolution": "${oc.select:model.resolution,512}"},
 }
 
 

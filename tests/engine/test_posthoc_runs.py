@@ -96,3 +96,16 @@ def test_ema_synth_user_errors(tmp_path, capsys):
     assert "ema=posthoc" in capsys.readouterr().err
     assert main(["ema-synth", str(run), "--sigma-rel", "0.5"]) == 2
     assert "--sigma-rel" in capsys.readouterr().err
+
+
+def test_posthoc_has_no_offload(tmp_path):
+    """ema=posthoc keeps its fp32 profiles beside the weights: `ema.offload` (ema=ema's) is refused by the key
+    check, with the keys it does have (docs/ema.md)."""
+    from hydra.errors import ConfigCompositionException
+
+    from difftrain.config.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ema\.offload is not a key of ema; allowed keys: name, sigma_rels"):
+        tiny_config(tmp_path, "ema=posthoc", "+ema.offload=true")
+    with pytest.raises(ConfigCompositionException, match="ema.offload"):
+        tiny_config(tmp_path, "ema=posthoc", "ema.offload=true")

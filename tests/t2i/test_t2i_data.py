@@ -73,7 +73,7 @@ def test_caption_dropout_and_flips_are_drawn_per_sample_and_epoch(tmp_path):
     epochs = [data.samples.__getitems__(MicroBatchKey(0, 0, e, tuple(range(8)))) for e in range(4)]
     assert len({tuple(x["flips"].tolist()) for x in epochs}) > 1  # new flips each epoch
     assert not data.validation_batch(8)["dropped"].any()  # the fixed validation samples: no dropout
-    data.samples.augment = dataclasses.replace(data.samples.augment, caption_dropout=1.0)
+    data.samples.table.rules[0] = dataclasses.replace(data.samples.table.rules[0], caption_dropout=1.0)
     assert set(data.samples.__getitems__(key)["captions"]) == {""}
     assert require_captions(data) == data.captions
 
