@@ -75,6 +75,10 @@ def _images(tmp: Path, kind: str) -> Path:
         from PIL import Image
 
         Image.new("RGB", (3, 3)).save(folder / "tiny.png")
+    elif kind == "badmask":
+        from PIL import Image
+
+        Image.new("L", (3, 3)).save(folder / "im000_mask.png")
     elif kind == "metadata":
         (folder / "metadata.jsonl").write_text("{broken\n")
     elif kind == "mixed":
@@ -129,6 +133,10 @@ CASES = [
      ["x.jpg (unreadable: not an image format PIL can open)"]),
     ("too-small-image", ["train", *RUN, *IMAGES, "data.path={images:tiny}", "output_dir={new}"], 2,
      ["tiny.png (too small: 3x3"]),
+    ("mask-wrong-size", ["train", *RUN, *IMAGES, "data.masks=files", "data.path={images:badmask}", "output_dir={new}"],
+     2, ["1 of 8 images cannot be trained on", "im000.png (its mask im000_mask.png is 3x3 but the image is"]),
+    ("bad-source-entry", ["train", "data=sources", "data.sources=[{pth: {tmp}}]", "model.num_class_embeds=null"], 2,
+     ["data.sources[0].pth is not a key of imagefolder sources", "data=sources trains text-to-image models"]),
     ("broken-metadata", ["train", *RUN, *IMAGES, "data.path={images:metadata}", "output_dir={new}"], 2,
      ["metadata.jsonl line 1 is not valid JSON"]),
     ("mixed-classes", ["train", *RUN, *IMAGES, "data.path={images:mixed}", "output_dir={new}"], 2,
@@ -180,7 +188,7 @@ def test_bad_input(case, argv, status, words, tmp_path, finished, monkeypatch):
         _flip_bytes(values["run"] / "checkpoints" / "checkpoint-1" / "model.safetensors")
         with open(values["run"] / "checkpoints" / "checkpoint-2" / "optimizer.pt", "r+b") as f:
             f.truncate(100) if case == "resume-truncated" else None
-    for kind in ("plain", "zero", "truncated", "garbage", "tiny", "metadata", "mixed"):
+    for kind in ("plain", "zero", "truncated", "garbage", "tiny", "metadata", "mixed", "badmask"):
         if any(f"{{images:{kind}}}" in a for a in argv):
             values[f"images:{kind}"] = _images(tmp_path, kind)
     _inject_fault(case, monkeypatch)

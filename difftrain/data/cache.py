@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from difftrain.errors import UserError, warn
+from difftrain.progress import phase
 
 CACHE_VERSION = 2
 SHARD_SIZE = 256
@@ -147,7 +148,7 @@ class ShardedCache:
         accelerator.wait_for_everyone()
         if not self.complete():
             todo = [s for s in self.missing() if s % world == rank]
-            with _progress(f"cache {self.kind}", len(todo), show_progress and accelerator.is_main_process) as tick:
+            with phase(f"cache {self.kind}", len(todo), "shards", show_progress and accelerator.is_main_process) as tick:
                 for shard in todo:
                     self._write(shard, compute(self.items(shard)))
                     tick()
@@ -236,25 +237,3 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, sort_keys=True, default=str, indent=1))
     os.replace(tmp, path)
-
-
-class _progress:
-    """A rich progress bar over shards (a no-op when disabled or when there is nothing to do)."""
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, total, enabled and total > 0
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("shards"), TimeRemainingColumn())
-        task = self.bar.add_task(self.label, total=self.total)
-        self.bar.start()
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.stop()

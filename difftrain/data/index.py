@@ -18,6 +18,7 @@ from pathlib import Path
 
 from difftrain.data.cache import digest
 from difftrain.errors import UserError
+from difftrain.progress import phase
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 INDEX_VERSION = 1
@@ -129,11 +130,13 @@ def _scan(root: Path, files: list[Path], cache_folder: Path | None) -> tuple[lis
         except (OSError, ValueError, KeyError):
             pass  # a damaged index file is rebuilt
     sizes, bad = [], {}
-    for f, (name, _, _) in zip(files, stats):
-        size, problem = inspect_file(f)
-        sizes.append(size)
-        if problem:
-            bad[name] = problem
+    with phase("index", len(files), "files") as tick:  # only a scan that reads headers shows (not a cached one)
+        for f, (name, _, _) in zip(files, stats):
+            size, problem = inspect_file(f)
+            sizes.append(size)
+            if problem:
+                bad[name] = problem
+            tick()
     if cached is not None:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,9 @@ def assemble(parts: list[Part], options, seed: int, size_multiple: int, interpol
     if problems and options.on_bad_image == "error":
         shown = "; ".join(f"{n} ({r})" for n, r in problems[:SHOWN_PROBLEMS])
         more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-        raise UserError(f"{len(problems)} of {len(index) + len(index.bad)} images cannot be trained on: {shown}{more}. "
+        listed = set(index.names)  # (an image with a bad mask is listed in `bad` but still in the index)
+        total = len(index) + sum(1 for n, _ in index.bad if n not in listed)
+        raise UserError(f"{len(problems)} of {total} images cannot be trained on: {shown}{more}. "
                         "Fix or remove them, or set data.on_bad_image=skip to train without them (the list is "
                         "written to RUN_DIR/data/skipped.txt)")
     bad_names = {n for n, _ in index.bad}

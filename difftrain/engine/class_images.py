@@ -55,7 +55,7 @@ def ensure_class_images(cfg: dict, family, accelerator) -> int:
 def generate_class_images(entry: dict, missing: list[int], family, accelerator, seed: int) -> int:
     import torch
 
-    from difftrain.data.cache import _progress
+    from difftrain.progress import phase
 
     folder = Path(entry["class_data_dir"]).expanduser()
     try:
@@ -71,7 +71,7 @@ def generate_class_images(entry: dict, missing: list[int], family, accelerator, 
     mine = missing[accelerator.process_index::accelerator.num_processes]
     size = entry["resolution"]
     batches = [mine[i:i + CLASS_BATCH] for i in range(0, len(mine), CLASS_BATCH)]
-    with _progress("class images", len(batches), accelerator.is_main_process) as tick:
+    with phase("class images", len(mine), "images", accelerator.is_main_process) as tick:
         for batch in batches:
             generators = [torch.Generator("cpu").manual_seed(seed_for(seed, 0, f"class/{i}")) for i in batch]
             with torch.no_grad():
@@ -82,7 +82,7 @@ def generate_class_images(entry: dict, missing: list[int], family, accelerator, 
                 tmp = folder / f".class-{i:05d}.{os.getpid()}.tmp.png"
                 image.save(tmp)
                 os.replace(tmp, path)
-            tick()
+            tick(len(batch))
     del pipe
     return len(mine)
 
@@ -91,7 +91,7 @@ def class_pipeline(family, device):
     """The base pipeline of the run's model (a local folder or the resolved hub snapshot), on `device`."""
     from diffusers import DiffusionPipeline
 
-    source = getattr(family, "source", None)
+    source = getattr(getattr(family, "t2i", family), "source", None)  # (the t2i families' shared part has it)
     if source is None:
         raise UserError("data.with_prior_preservation generates class images with the base pipeline: it needs a "
                         "text-to-image model (model=sd15|sdxl|sd3|flux with model.pretrained)")

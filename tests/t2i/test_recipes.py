@@ -1,0 +1,118 @@
+"""The dataset recipes end to end on the tiny SD1-style pipeline (docs/recipes.md): DreamBooth with prior
+preservation (class images generated once, both losses logged), two sources with repeats and prior resumed bit
+for bit, masked loss, caption processing with the prompt cache turned off, the huber loss."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny_pipes import lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
+
+one_thread = pytest.fixture(autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="session")
+def sd15(tmp_path_factory):
+    return pipeline_dir("sd15", tmp_path_factory.mktemp("pipes"))
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("data") / "photos")
+
+
+def _rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+DREAMBOOTH = ("data=dreambooth", "data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog",
+              "data.num_class_images=4", "data.class_image_steps=2", "lora=on", "ema=none", "trainer.batch_size=2")
+
+
+def test_dreambooth_generates_class_images_once_and_logs_both_losses(tmp_path, sd15, images):
+    from difftrain.engine.run import run_training
+
+    classes = tmp_path / "class_images"
+    run = tmp_path / "run"
+    run_training(t2i_config(run, "sd15", sd15, None, *DREAMBOOTH, f"data.path={images}",
+                            f"data.class_data_dir={classes}"))
+    made = sorted(p.name for p in classes.iterdir())
+    assert made == [f"class-{i:05d}.png" for i in range(4)]
+    stamps = {p.name: p.stat().st_mtime_ns for p in classes.iterdir()}
+    rows = [r for r in _rows(run) if "loss" in r]
+    assert len(rows) == 4 and all(r["loss_prior"] is not None for r in rows)
+    for r in rows:  # every batch pairs its 2 instance images with 2 class images: loss = instance + 1.0 x prior
+        assert r["loss"] == pytest.approx(r["loss_instance"] + r["loss_prior"], rel=1e-5)
+    again = tmp_path / "again"
+    run_training(t2i_config(again, "sd15", sd15, None, *DREAMBOOTH, f"data.path={images}",
+                            f"data.class_data_dir={classes}", "trainer.max_steps=2"))
+    assert {p.name: p.stat().st_mtime_ns for p in classes.iterdir()} == stamps  # reused, not regenerated
+    assert [x[1] for x in losses(again)] == [x[1] for x in losses(run)[:2]]  # the same batches and draws
+
+
+def test_two_sources_with_repeats_and_prior_resume_bitwise(tmp_path, sd15, images):
+    from difftrain.engine.run import run_training
+
+    style = write_images(tmp_path / "style", n=4, size=(48, 40), captions="txt")
+    sources = (f"data.sources=[{{path: '{images}', repeats: 0.5, with_prior_preservation: true, "
+               f"class_prompt: a photo of a dog, class_data_dir: '{tmp_path / 'classes'}', num_class_images: 3, "
+               f"class_image_steps: 1, prior_loss_weight: 0.5}}, {{name: style, path: '{style}', repeats: 2, "
+               "caption_prefix: in sks style, shuffle_tags: true, keep_tags: 1}]")
+    extra = ("data=sources", sources, "lora=on", "ema=none", "trainer.batch_size=2", "trainer.max_steps=6",
+             "data.random_flip=true", "trainer.checkpoints_total_limit=null", "trainer.checkpoint_every=3")
+    full = tmp_path / "full"
+    run_training(t2i_config(full, "sd15", sd15, None, *extra))
+    rows = [r for r in _rows(full) if "loss" in r]
+    assert rows[-1]["samples_seen/photos"] + rows[-1]["samples_seen/style"] == 6 * 2
+    # per epoch: photos 8 x 0.5 = 4 and style 4 x 2 = 8 samples, in 6 batches of 2: step 6 ends the epoch
+    assert (rows[-1]["samples_seen/photos"], rows[-1]["samples_seen/style"]) == (4, 8)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "final")
+    shutil.rmtree(part / "checkpoints" / "checkpoint-6")
+    summary = run_training(t2i_config(part, "sd15", sd15, None, *extra, "resume=latest"))
+    assert summary["resumed_from_step"] == 3
+    assert losses(full) == losses(part)
+    def logged(run):  # every logged number of the resumed steps but the throughput
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in _rows(run) if "loss" in r and r["step"] > 3]
+
+    assert logged(full) == logged(part) and "loss_prior" in logged(part)[0]
+    a, b = lora_file(full)[0], lora_file(part)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_all_white_masks_are_no_masks_and_black_halves_change_the_loss(tmp_path, sd15, images):
+    from PIL import Image
+
+    from difftrain.engine.run import run_training
+
+    white, half = tmp_path / "white", tmp_path / "half"
+    for folder, fill in ((white, None), (half, "left")):
+        shutil.copytree(images, folder)
+        for image in sorted(folder.glob("img*.png")):
+            w, h = Image.open(image).size
+            mask = Image.new("L", (w, h), 255)
+            if fill:
+                mask.paste(0, (0, 0, w // 2, h))
+            mask.save(folder / f"{image.stem}_mask.png")
+    common = ("trainer.max_steps=2", "ema=none")
+    run_training(t2i_config(tmp_path / "plain", "sd15", sd15, images, *common))
+    run_training(t2i_config(tmp_path / "white_run", "sd15", sd15, white, *common, "data.masks=files"))
+    run_training(t2i_config(tmp_path / "half_run", "sd15", sd15, half, *common, "data.masks=files"))
+    assert losses(tmp_path / "white_run") == losses(tmp_path / "plain")
+    plain, masked = losses(tmp_path / "plain"), losses(tmp_path / "half_run")
+    assert plain[0][1] != masked[0][1] and masked[0][1] < plain[0][1]  # half the pixels weigh nothing
+
+
+def test_tag_shuffling_turns_the_prompt_cache_off_and_huber_trains(tmp_path, sd15, images):
+    from difftrain.engine.run import run_training
+
+    run = tmp_path / "run"
+    run_training(t2i_config(run, "sd15", sd15, images, "trainer.max_steps=2", "ema=none", "data.shuffle_tags=true",
+                            "data.caption_prefix=sks", "loss=huber", "loss.delta=0.5", "loss.schedule=snr"))
+    cache = run / "cache"  # the captions change every epoch: no prompt-embedding cache was built
+    assert not cache.exists() or not [p for p in cache.iterdir() if p.name.startswith("text-")]
+    assert all(torch.isfinite(torch.tensor(r[1])) for r in losses(run))
