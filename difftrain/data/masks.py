@@ -33,7 +33,7 @@ def mask_problems(keys: list[str], names: list[str], sizes: list[tuple[int, int]
 
     problems = []
     for key, name, size in zip(keys, names, sizes):
-        path = mask_path(key)
+        path = mask_path(key[1] if isinstance(key, tuple) else key)
         if size is None or not path.is_file():
             continue
         mask_size, problem = inspect_file(path)

@@ -125,7 +125,8 @@ class ImageSamples(torch.utils.data.Dataset):
         resized, crop = self.crop_box(position, size, top_left)
         with self.reader(self.keys[position]) as im:
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an image without EXIF rotation
-            mask = open_mask(self.keys[position], mask_mode, im) if mask_mode != "none" else None
+            key = self.keys[position]  # (several sources: (part, file))
+            mask = open_mask(key[1] if isinstance(key, tuple) else key, mask_mode, im) if mask_mode != "none" else None
             im = im.convert("L" if self.augment.channels == 1 else "RGB")
             x = self._transform(im, resized, crop, size, flip)
         return x, (self._transform(mask, resized, crop, size, flip) if mask is not None else None)
@@ -138,7 +139,7 @@ class ImageSamples(torch.utils.data.Dataset):
         x = TF.pil_to_tensor(im)
         return x.flip(-1) if flip else x
 
-    def stand_in(self, position: int, epoch: int, size: tuple[int, int]):
+    def stand_in(self, position: int, epoch: int, size: tuple[int, int], error: BaseException | None = None):
         """The next sample of the bucket that decodes, for a file that cannot be decoded any more (the same
         choice in a resumed run, since it depends on the files only); warned once per worker."""
         group = self.members[self.bucket_of[position]] if self.members else []
@@ -156,7 +157,8 @@ class ImageSamples(torch.utils.data.Dataset):
                 warnings.warn(f"difftrain: image '{self.names[position]}' cannot be decoded any more; training on "
                               f"'{self.names[other]}' in its place (epoch {epoch})", stacklevel=1)
             return loaded
-        raise RuntimeError(f"no image of bucket {size} can be decoded")
+        raise RuntimeError(f"'{self.names[position]}' cannot be read ({type(error).__name__}: {error}) and no other "
+                           f"image of its bucket {size} can be read in its place") from error
 
     def sample(self, position: int, epoch: int, size: tuple[int, int], copy: int = 0) -> Loaded:
         """One training sample: pixels or cached latent parameters, crop offset, flip, caption (dropped or its
@@ -191,10 +193,10 @@ class ImageSamples(torch.utils.data.Dataset):
         for position, copy in wanted:  # (class images of prior preservation take the batch's size)
             try:
                 loaded.append(self.sample(position, key.epoch, size, copy))
-            except Exception:  # noqa: BLE001 (a file that broke since the index was built)
+            except Exception as exc:  # noqa: BLE001 (a file that broke since the index was built)
                 if self.served.latents is not None:
                     raise
-                loaded.append(self.stand_in(position, key.epoch, size))
+                loaded.append(self.stand_in(position, key.epoch, size, exc))
         return self._collate(key, loaded, size)
 
     def _collate(self, key, loaded: list[Loaded], size) -> dict:

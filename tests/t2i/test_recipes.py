@@ -116,3 +116,50 @@ def test_tag_shuffling_turns_the_prompt_cache_off_and_huber_trains(tmp_path, sd1
     cache = run / "cache"  # the captions change every epoch: no prompt-embedding cache was built
     assert not cache.exists() or not [p for p in cache.iterdir() if p.name.startswith("text-")]
     assert all(torch.isfinite(torch.tensor(r[1])) for r in losses(run))
+
+
+def _family_config(family: str, root, run, images, classes, *overrides: str) -> dict:
+    from conftest import TINY
+    from tiny_flux import flux_dir
+    from tiny_sdxl import build_sdxl
+
+    from difftrain.cli.train import compose_config
+    from difftrain.config.validate import validate
+
+    if family == "sdxl":
+        pipe, keys = (root / "sdxl" if (root / "sdxl").exists() else build_sdxl(root / "sdxl")), ["model=sdxl"]
+    elif family == "sd3":
+        pipe, keys = pipeline_dir("sd3", root), ["model=sd3", "scheduler=sd3"]
+    else:
+        pipe, keys = flux_dir("dev", root), ["model=flux", "model.max_sequence_length=16"]
+    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    return validate(compose_config([
+        *base, *keys, f"model.pretrained={pipe}", "data=dreambooth", f"data.path={images}",
+        "data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog", f"data.class_data_dir={classes}",
+        "data.num_class_images=2", "data.class_image_steps=1", "data.prior_loss_weight=0.5", "data.masks=files",
+        "data.resolution=32", "trainer.batch_size=2", "trainer.max_steps=2", "ema=none",
+        "validation.prompts=[a photo of sks dog]", "validation.num_images=1", "validation.steps=1",
+        f"output_dir={run}", *overrides]))
+
+
+@pytest.mark.parametrize("family,mode", [("sdxl", "lora=on"), ("sd3", "lora=none"), ("flux", "lora=on")])
+def test_dreambooth_with_masks_on_every_family(tmp_path, family, mode, images):
+    from PIL import Image
+
+    from difftrain.engine.run import run_training
+
+    photos = tmp_path / "photos"
+    shutil.copytree(images, photos)
+    for image in sorted(photos.glob("img*.png"))[:4]:  # half of the images masked on their left half
+        w, h = Image.open(image).size
+        mask = Image.new("L", (w, h), 255)
+        mask.paste(0, (0, 0, w // 2, h))
+        mask.save(photos / f"{image.stem}_mask.png")
+    run = tmp_path / "run"
+    run_training(_family_config(family, tmp_path / "pipes", run, photos, tmp_path / "classes", mode))
+    assert sorted(p.name for p in (tmp_path / "classes").iterdir()) == ["class-00000.png", "class-00001.png"]
+    rows = [r for r in _rows(run) if "loss" in r]
+    assert len(rows) == 2
+    for r in rows:  # loss = instance + prior_loss_weight x prior
+        assert r["loss"] == pytest.approx(r["loss_instance"] + 0.5 * r["loss_prior"], rel=1e-5)
+    assert (run / "final").is_dir()
