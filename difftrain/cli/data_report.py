@@ -25,6 +25,7 @@ def build_report(cfg: dict) -> tuple[str, int]:
     node = dict(cfg["data"])
     if "on_bad_image" in node:  # list every problem instead of stopping at them
         node["on_bad_image"] = "skip"
+    node, pending = without_missing_class_images(node)
     fields = {f.name for f in dataclasses.fields(data_entry.schema)}
     folder = Path(node["cache_dir"]).expanduser() if node.get("cache_dir") else None
     data = data_entry.load()(data_entry.schema(**{k: v for k, v in node.items() if k in fields}),
@@ -35,8 +36,34 @@ def build_report(cfg: dict) -> tuple[str, int]:
     lines = [f"data={cfg['data']['name']} for model={cfg['model']['name']} (image sides multiples of {multiple})",
              data.report(),
              f"{order.micro_per_epoch} micro-batches of {trainer['batch_size']} per epoch on one process "
-             f"(a bucket's last partial batch is left out of that epoch)"]
+             f"(a bucket's last partial batch is left out of that epoch)", *pending]
     return "\n".join(lines), len(data.skipped)
+
+
+def without_missing_class_images(node: dict) -> tuple[dict, list[str]]:
+    """The data node without the prior preservation of sources whose class images are not all there yet
+    (`difftrain train` generates them first; a report loads no weights), and a line for each."""
+    from difftrain.engine.class_images import missing_class_images
+
+    lines: list[str] = []
+
+    def check(entry: dict, merged: dict, label: str) -> dict:
+        if not merged.get("with_prior_preservation") or not merged.get("class_data_dir"):
+            return entry
+        missing = len(missing_class_images(merged))
+        if not missing:
+            return entry
+        lines.append(f"{label}: {missing} of {merged['num_class_images']} class images of '{merged['class_prompt']}' "
+                     f"are not in {merged['class_data_dir']} yet; difftrain train generates them before training "
+                     "(not counted above)")
+        return {**entry, "with_prior_preservation": False}
+
+    if node.get("sources"):
+        node = {**node, "sources": [check(e, {**node, **e}, f"data.sources[{i}]") if isinstance(e, dict) else e
+                                    for i, e in enumerate(node["sources"])]}
+    else:
+        node = check(node, node, "data")
+    return node, lines
 
 
 def data_report_command(args: list[str]) -> int:

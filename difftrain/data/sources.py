@@ -113,11 +113,36 @@ class TrainingData:
         for b, (h, w) in enumerate(self.plan.buckets):
             if counts.get(b):
                 lines.append(f"{h:>5} x {w:<6}   {w / h:5.2f}   {counts[b]}")
+        lines += self.source_lines()
         for name, reason in self.skipped[:SHOWN_PROBLEMS]:
             lines.append(f"skipped: {name}: {reason}")
         if len(self.skipped) > SHOWN_PROBLEMS:
             lines.append(f"... and {len(self.skipped) - SHOWN_PROBLEMS} more skipped")
         return "\n".join(lines)
+
+    def source_lines(self) -> list[str]:
+        """One line per source when there are several (or class images): images, repeats, per epoch."""
+        table = self.table
+        if table is None or (len(table.names) == 1 and not table.any_prior):
+            return []
+        counts = Counter(table.source_of[p] for p in self.train)
+        order_counts = Counter()
+        if self.mixing is not None:
+            for p in self.train:
+                order_counts[table.source_of[p]] += self.mixing.repeats[p]
+        lines = ["source           images   per epoch   captions"]
+        for s, name in enumerate(table.names):
+            rules = table.rules[s]
+            if table.is_class[s]:
+                n = sum(1 for x in table.source_of if x == s)
+                lines.append(f"{name:<16} {n:>6}   paired      class images (prior_loss_weight {table.prior_weight[s]})")
+                continue
+            per_epoch = round(order_counts[s]) if self.mixing is not None else counts[s]
+            notes = [k for k, on in (("prefix", rules.prefix), ("suffix", rules.suffix),
+                                     ("shuffled tags", rules.shuffle_tags), ("tag dropout", rules.tag_dropout),
+                                     (f"masks={table.masks[s]}", table.masks[s] != "none")) if on]
+            lines.append(f"{name:<16} {counts[s]:>6}   {per_epoch:>9}   {', '.join(notes) or '-'}")
+        return lines
 
     def write_records(self, run_dir: Path) -> None:
         """RUN_DIR/data/: buckets.json, validation.txt (held-out samples), skipped.txt (bad images)."""
