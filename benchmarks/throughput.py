@@ -264,6 +264,8 @@ def measure(name: str, variant: str, args, device: torch.device, flops_cache: di
                     peaks[label] = max(peaks[label], peak)
     except torch.OutOfMemoryError:
         return {**row, "status": "n/a (out of memory)"}
+    except RuntimeError as exc:  # a combination this stack cannot run: listed, not hidden
+        return {**row, "status": f"n/a (error: {str(exc).splitlines()[0][:90]})"}
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -137,8 +137,15 @@ class BatchOrder:
             pool_id = self.mixing.prior_pool[slot % n]
             if pool_id is None:
                 continue
-            pool = self.mixing.pools[pool_id]
-            g = torch.Generator().manual_seed(seed_for(self.seed, 0, f"prior/{epoch}/{pool_id}"))
-            perm = torch.randperm(len(pool), generator=g)  # (cheap: class pools are hundreds of images)
+            pool, perm = self.mixing.pools[pool_id], self._pool_order(epoch, pool_id)
             out.append(pool[int(perm[(j * self.batch_size + i) % len(pool)])])
         return tuple(out)
+
+    def _pool_order(self, epoch: int, pool_id: int) -> torch.Tensor:
+        """The class-image order of (seed, epoch) of one pool (the current epoch's kept)."""
+        if getattr(self, "_pool_epoch", None) != epoch:
+            self._pool_epoch, self._pool_orders = epoch, {}
+        if pool_id not in self._pool_orders:
+            g = torch.Generator().manual_seed(seed_for(self.seed, 0, f"prior/{epoch}/{pool_id}"))
+            self._pool_orders[pool_id] = torch.randperm(len(self.mixing.pools[pool_id]), generator=g)
+        return self._pool_orders[pool_id]

@@ -10,16 +10,15 @@ option group is built by the registry.
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from pathlib import Path
 
 from difftrain import registry
 from difftrain.components.seeding import set_seed
 from difftrain.data.loader import BatchStream
+from difftrain.engine.class_images import ensure_class_images, prior_sources
 from difftrain.engine.compile import apply_speed_options
 from difftrain.engine.evaluation import Evaluator
-from difftrain.engine.class_images import ensure_class_images, prior_sources
 from difftrain.engine.objective import DiffusionObjective
 from difftrain.engine.optim import build_optimizer_on
 from difftrain.engine.strategies import strategy_for

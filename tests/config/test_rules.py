@@ -169,6 +169,9 @@ CASES = [
       "lora.text_encoder_target_modules=[]"],
      ["lora.target_modules must name at least one module, or be null for the family default",
       "lora.text_encoder_target_modules must name at least one module"]),
+    ("quantized_base_needs_lora", [*T2I, "model.quantize_base=nf4"],
+     ["model.quantize_base=nf4 quantises the frozen denoiser under LoRA adapters (QLoRA), but lora=none trains "
+      "every weight; add lora=on, or set model.quantize_base=none"]),
     ("adam_betas", ["optimizer.betas=[0.9,1.0]"], ["optimizer.betas must be two numbers in [0, 1), got [0.9, 1.0]"]),
     ("warmup_within_max_steps", ["lr_scheduler.warmup_steps=2001"],
      ["lr_scheduler.warmup_steps (2001) exceeds trainer.max_steps (2000); use a fraction such as "

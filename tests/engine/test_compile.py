@@ -2,9 +2,10 @@
 checkpoints, EMA and exports, resume in eager runs, and recompile a bounded number of times across sizes.
 
 Tolerance: the losses of compiled runs equal eager within rel 1e-5 (measured on this CPU: regional inductor
-differs from eager by at most ~1.2e-7 relative over 4 steps). The regional run uses the
-real inductor backend (a C++ compile on CPU, ~20 s); `full` and the LoRA run use `aot_eager` (the same captured
-graphs without code generation) to keep the suite short.
+differs from eager by at most ~1.2e-7 relative over 4 steps). One test runs the real inductor
+backend (3 steps, a C++ compile on CPU); the end-to-end runs (validation, checkpoints, resume, export, LoRA) use
+`aot_eager` (the same captured graphs without code generation): inductor compiles every validation and sampling
+shape too, >2 min on this 2-core CPU.
 """
 
 from __future__ import annotations
@@ -42,9 +43,12 @@ def _keys(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An eager and a regional-inductor 4-step digits run (EMA on), checkpoints at steps 2 and 4."""
+    """An eager and a regional (aot_eager) 4-step digits run (EMA on), checkpoints at steps 2 and 4."""
+    from difftrain.engine import compile as compile_mod
     from difftrain.engine.distributed import reset_accelerate_state
     from difftrain.engine.run import run_training
+
+    backend, compile_mod.DEFAULT_BACKEND = compile_mod.DEFAULT_BACKEND, "aot_eager"
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -55,7 +59,32 @@ def runs(tmp_path_factory):
         run_training(tiny_config(out[mode], *RUN, f"trainer.compile={mode}"))
         reset_accelerate_state()
     torch.set_num_threads(threads)
+    compile_mod.DEFAULT_BACKEND = backend
     return out
+
+
+def test_regional_inductor_steps_match_eager(tmp_path):
+    """The real backend: 3 optimizer steps of Trainer.train_step, regional inductor vs eager (train graphs only)."""
+    from difftrain.engine.distributed import make_accelerator, reset_accelerate_state
+    from difftrain.engine.setup import build_run
+    from difftrain.engine.trainer import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    measured = {}
+    for mode in ("none", "regional"):
+        cfg = tiny_config(tmp_path / mode, *RUN, f"trainer.compile={mode}")
+        parts = build_run(cfg, tmp_path / mode, make_accelerator(cfg))
+        trainer = Trainer(parts, cfg["trainer"], cfg["seed"], tmp_path / mode)
+        measured[mode] = []
+        for _ in range(3):
+            measured[mode].append(trainer.train_step()[0])
+            trainer.step += 1
+        parts.stream.close()
+        reset_accelerate_state()
+    torch.set_num_threads(threads)
+    assert measured["none"][0] == pytest.approx(1.0511380434036255, rel=1e-6)  # the pinned first loss
+    assert measured["regional"] == pytest.approx(measured["none"], rel=RTOL)
 
 
 def test_regional_compile_trains_like_eager(runs):
@@ -185,3 +214,28 @@ def test_lora_gradient_checkpointing_and_compile(tmp_path, monkeypatch):
     assert not any("_orig_mod" in k for k in compiled_file)
     checkpoint = _keys(out["regional"] / "checkpoints" / "checkpoint-4" / "model.safetensors")
     assert checkpoint and all(".lora_" in k for k in checkpoint)
+
+
+def test_channels_last_tf32_and_fused_adamw_settings():
+    from diffusers import UNet2DConditionModel
+
+    from difftrain.config.schema import AdamWConfig
+    from difftrain.engine.compile import apply_speed_options, wants_channels_last
+    from difftrain.engine.optim import build_optimizer
+
+    assert wants_channels_last(None, torch.device("cuda")) and not wants_channels_last(None, torch.device("cpu"))
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=2)
+    done = apply_speed_options(unet, {"channels_last": None, "allow_tf32": True, "deterministic": True},
+                               torch.device("cpu"))
+    assert done == {"tf32": False, "channels_last": False, "compiled": 0}  # deterministic: no TF32
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    done = apply_speed_options(unet, {"channels_last": True, "allow_tf32": True}, torch.device("cpu"))
+    assert done["channels_last"] and done["tf32"] and torch.backends.cuda.matmul.allow_tf32
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert build_optimizer(AdamWConfig(), params, device="cuda").defaults["fused"] is True
+    assert not build_optimizer(AdamWConfig(), params, device="cpu").defaults.get("fused")
