@@ -91,6 +91,18 @@ def _rule_line(rule) -> str:
     return f"- `{rule.__name__}`: {rule.__doc__.strip().splitlines()[0]}"
 
 
+def experiment_rows() -> list[str]:
+    """One row per conf/experiment/ preset: its name, the groups it chooses and its own description line."""
+    rows = ["| preset | chooses | what it is |", "|---|---|---|"]
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        node = yaml.safe_load(path.read_text())
+        chosen = [f"`{k.removeprefix('override /')}={v}`" for d in node.get("defaults", []) if isinstance(d, dict)
+                  for k, v in d.items()]
+        about = next(line[2:] for line in path.read_text().splitlines()[1:] if line.startswith("# "))
+        rows.append(f"| `{path.stem}` | {', '.join(chosen)} | {about} |")
+    return rows
+
+
 def render() -> str:
     out = [HEADER, "## Rules", "",
            "Checked after every key, in this order (`difftrain/config/rules.py`, one function each):", ""]
@@ -114,6 +126,11 @@ def render() -> str:
                 continue
             rows = _fields_table(entry.schema) if entry.schema else []
             out += (rows if len(rows) > 2 else ["(no keys)"]) + [""]
+    out += ["## Experiment presets", "",
+            "Whole configs in `conf/experiment/` (`# @package _global_`: groups chosen with `override /group: option`",
+            "plus keys), added with a plus: `difftrain train +experiment=NAME model.pretrained=... data.path=...`.",
+            "Command-line choices and keys win over the preset's; required paths stay required. Each file comments",
+            "its values (docs/ecosystem.md#presets).", ""] + experiment_rows()
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -23,11 +23,11 @@ def components_command(args: list[str]) -> int:
     from difftrain import registry
 
     parser = argparse.ArgumentParser(prog="difftrain components", description=components_command.__doc__)
-    parser.add_argument("group", nargs="?", help="show only this group")
+    parser.add_argument("group", nargs="?", help="show only this group (experiment: the shipped presets)")
     opts = parser.parse_args(args)
     groups = registry.groups()
-    if opts.group and opts.group not in groups:
-        raise UserError(f"unknown group '{opts.group}'; groups: {', '.join(groups)}")
+    if opts.group and opts.group not in (*groups, "experiment"):
+        raise UserError(f"unknown group '{opts.group}'; groups: {', '.join(groups)} (and experiment, the presets)")
     table = Table(title="difftrain components", show_lines=False)
     for column in ("group", "option", "description", "keys"):
         table.add_column(column, overflow="fold")
@@ -43,8 +43,25 @@ def components_command(args: list[str]) -> int:
     console = Console()
     if not console.is_terminal:  # piped or captured: do not fold names at 80 columns
         console = Console(width=160)
-    console.print(table)
+    if opts.group != "experiment":
+        console.print(table)
+    if not opts.group or opts.group == "experiment":
+        console.print(_presets_table())
     return 0
+
+
+def _presets_table():
+    """The shipped conf/experiment/ presets: whole configs, `difftrain train +experiment=NAME ...`."""
+    from rich.table import Table
+
+    from difftrain.cli.train import experiment_presets
+
+    table = Table(title="experiment presets (difftrain train +experiment=NAME model.pretrained=... data.path=...)")
+    for column in ("preset", "description"):
+        table.add_column(column, overflow="fold")
+    for name, description in experiment_presets().items():
+        table.add_row(name, description)
+    return table
 
 
 def read_run_config(run_dir: str) -> tuple[Path, dict]:

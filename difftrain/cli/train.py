@@ -120,13 +120,39 @@ def precheck(overrides: list[str], multirun: bool) -> None:
             renamed = re.search(r"Could not find '(\w+)/(\w+)'", message)
             if renamed and renamed.group(2) in registry.RENAMED:
                 message += f" (renamed: use {renamed.group(1)}={registry.RENAMED[renamed.group(2)]})"
-            problems = [message]
+            problems = [_experiment_message(message) or message]
         for problem in problems:
             failing.setdefault(problem, []).append(" ".join(job))
     errors = [msg if len(where) == len(jobs) else f"{msg} (in job: {'; '.join(where)})"
               for msg, where in failing.items()]
     if errors:
         raise ConfigError(errors)
+
+
+def experiment_presets() -> dict[str, str]:
+    """name -> what it is (the comment under `# @package _global_`) of every shipped conf/experiment/ preset."""
+    from importlib.resources import files
+
+    presets = {}
+    for path in (files(CONFIG_MODULE) / "experiment").iterdir():
+        if path.name.endswith(".yaml"):
+            comments = [line for line in path.read_text().splitlines()[1:] if line.startswith("# ")]
+            presets[path.name.removesuffix(".yaml")] = comments[0][2:] if comments else ""
+    return dict(sorted(presets.items()))
+
+
+def _experiment_message(message: str) -> str | None:
+    """Hydra's errors about `+experiment=NAME` as one sentence naming the shipped presets."""
+    shipped = ", ".join(experiment_presets())
+    unknown = re.match(r"Could not find 'experiment/([^']*)'", message)
+    if unknown:
+        return (f"unknown experiment preset '{unknown.group(1)}'; shipped presets: {shipped} "
+                "(difftrain components lists them, docs/ecosystem.md#presets describes them)")
+    if message.startswith("Could not override 'experiment'"):
+        return f"a preset is added with a plus: +experiment=NAME (not experiment=NAME); shipped presets: {shipped}"
+    if message.startswith("Multiple values for experiment"):
+        return "one +experiment=NAME per run: a preset sets whole groups, so two would fight over them"
+    return None
 
 
 def train_command(args: list[str]) -> int:

@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from difftrain import progress
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.preemption import Preempted, requeue_slurm_job, requeued_slurm_job
 from difftrain.engine.run_files import (
@@ -96,12 +97,15 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
         raise UserError(problem)
     if accelerator.is_main_process:
         open_train_log(run_dir)
+    # the phases' displays (index, caches, class images, export; difftrain/progress.py): rank 0, bars or lines
+    shown_before = progress.configure(plain=not cfg["trainer"]["progress"], enabled=accelerator.is_main_process)
     try:
         return _train_export_evaluate(cfg, run_dir, accelerator, resume_from, started)
     except BaseException as exc:  # the whole story in train.log (the console shows the error itself)
         logging.getLogger("difftrain").error("the run stopped: %s", exc, exc_info=not isinstance(exc, UserError))
         raise
     finally:
+        progress.configure(**shown_before)
         close_train_log()
 
 
@@ -132,7 +136,8 @@ def _fit_and_finish(run_dir: Path, accelerator, parts, trainer, trackers, starte
                "seconds": round(time.perf_counter() - started, 2), "world_size": accelerator.num_processes}
     model = parts.strategy.eval_copy()  # every rank: under ZeRO-3 this gathers the weights to rank 0
     if accelerator.is_main_process:
-        parts.evaluator.export(model, parts.ema)
+        with progress.phase("export final/", None):
+            parts.evaluator.export(model, parts.ema)
         result = parts.evaluator.evaluate(model, parts.ema)
         if result is not None:
             summary["eval"] = result

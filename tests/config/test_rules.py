@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from difftrain.cli.train import compose_config
-from difftrain.config import rules, rules_recipes, rules_t2i, validate
+from difftrain.config import rules, rules_recipes, rules_run, rules_t2i, validate
 from difftrain.config.rules import RULES
 from difftrain.config.validate import ConfigError
 
@@ -261,7 +261,7 @@ def test_each_rule_fires_with_its_exact_message(rule, overrides, messages, paths
 
 
 def test_every_rule_is_listed_triggered_and_documented_in_one_line():
-    defined = {name for module in (rules, rules_t2i, rules_recipes) for name, fn in inspect.getmembers(module, inspect.isfunction)
+    defined = {name for module in (rules, rules_t2i, rules_recipes, rules_run) for name, fn in inspect.getmembers(module, inspect.isfunction)
                if fn.__module__ == module.__name__ and not name.startswith("_") and name != "check_rules"}
     assert defined == {r.__name__ for r in RULES}  # no rule defined but not run
     assert len(set(RULES)) == len(RULES)

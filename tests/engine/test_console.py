@@ -45,7 +45,9 @@ def test_plain_progress_lines_and_nothing_from_the_libraries(tmp_path):
     progress = [PROGRESS.match(line) for line in lines if line.startswith("train ")]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(int(m[1]), m[2]) for m in progress] == [(r["step"], f"{r['loss']:.4f}") for r in metrics if "loss" in r]
-    table = lines[len(progress):]  # then the run's summary table, nothing else
+    export = lines[len(progress):len(progress) + 2]  # then the export phase's two lines (difftrain/progress.py)
+    assert export[0] == "export final/: start" and re.fullmatch(r"export final/: done in \d+\.\d s", export[1]), lines
+    table = lines[len(progress) + 2:]  # then the run's summary table, nothing else
     assert table[0].strip() == "difftrain run" and all(line[0] in "┌│├└" for line in table[1:]), lines
     assert not [line for line in lines if line.startswith(THIRD_PARTY)]
     log = (run_dir / "train.log").read_text()

@@ -12,9 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "difftrain"
 ALLOWED = {
     "components": {"components", "errors"},
     "config": {"config", "registry", "errors"},
-    "data": {"components", "data", "errors"},
+    "data": {"components", "data", "errors", "progress"},
     "families": {"components", "config", "data", "families", "errors", "registry"},
-    "engine": {"components", "config", "data", "families", "engine", "errors", "registry"},
+    "engine": {"components", "config", "data", "families", "engine", "errors", "progress", "registry"},
 }
 
 
