@@ -179,10 +179,10 @@ def _folder(root: Path, n: int, size=(40, 48), masks: bool = False, prefix: str 
 
 
 def _sources_data(tmp_path, entries, **top):
+    from torchvision.transforms import InterpolationMode
+
     from difftrain.config.schema import SourcesDataConfig
     from difftrain.data.multi import build_sources
-
-    from torchvision.transforms import InterpolationMode
 
     options = SourcesDataConfig(resolution=32, sources=entries, **top)
     return build_sources(options, InterpolationMode.BILINEAR, seed=0, size_multiple=8, cache_folder=tmp_path / "cache")
@@ -211,10 +211,11 @@ def test_two_sources_mix_with_their_repeats_and_captions(tmp_path):
 
 
 def test_masks_follow_their_image_through_crop_and_flip(tmp_path):
+    from torchvision.transforms import InterpolationMode
+
     from difftrain.config.schema import ImageFolderDataConfig
     from difftrain.data.samples import MicroBatchKey, unit_range
     from difftrain.data.sources import build_imagefolder
-    from torchvision.transforms import InterpolationMode
 
     folder = _folder(tmp_path / "m", 4, size=(40, 48), masks=True)
     options = ImageFolderDataConfig(path=str(folder), resolution=32, center_crop=False, random_flip=True, masks="files",

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "difftrain"
 ALLOWED = {
     "components": {"components", "errors"},
     "config": {"config", "registry", "errors"},
-    "data": {"components", "data", "errors", "progress"},
+    "data": {"components", "config", "data", "errors", "progress"},  # config: the source schemas (data=sources)
     "families": {"components", "config", "data", "families", "errors", "registry"},
     "engine": {"components", "config", "data", "families", "engine", "errors", "progress", "registry"},
 }
