@@ -79,7 +79,15 @@ def data_report_command(args: list[str]) -> int:
     except ConfigError as exc:
         print_error("invalid config:\n  - " + "\n  - ".join(exc.errors))
         return 2
-    text, bad = build_report(cfg)
+    from difftrain import progress
+    from difftrain.engine.run_files import quiet_console
+
+    quiet_console()  # library warnings and bars are not the report's (a run writes them to train.log)
+    shown_before = progress.configure(plain=not cfg["trainer"]["progress"], enabled=True)  # as a run shows them
+    try:
+        text, bad = build_report(cfg)
+    finally:
+        progress.configure(**shown_before)
     print(text)
     if bad and cfg["data"].get("on_bad_image", "error") == "error":
         raise UserError(f"{bad} images cannot be trained on (listed above); fix or remove them, or set "
