@@ -20,7 +20,7 @@ TINY = [
     "trainer.max_steps=4",
     "trainer.log_every=1",
     "trainer.checkpoint_every=2",
-    "trainer.validate_every=0",
+    "trainer.validate_every=4",  # = max_steps: one validation, at the end
     "trainer.progress=false",
     "lr_scheduler.warmup_steps=1",
     "validation.labels=[0,1]",

@@ -248,14 +248,15 @@ class TrainerConfig:
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null = no clipping", gt=0)
     mixed_precision: str = opt("no", "autocast dtype", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(False, "recompute activations in backward")
-    checkpoint_every: int = opt(500, "steps between checkpoints; 0 = only at the end", ge=0)
+    checkpoint_every: int = opt(500, "steps between checkpoints (and one at the end); 0 = none (a signal or "
+                                 "checkpoint_every_minutes still checkpoints; final/ is always written)", ge=0)
     checkpoints_total_limit: int | None = opt(2, "keep this many newest checkpoints; null = all", ge=1)
     checkpoint_on_signals: list[str] = opt(  # noqa: RUF009 (opt() returns a dataclasses.field)
         doc="signals that make the run finish its step, write a checkpoint and exit 75 (preemption); [] = none",
         factory=lambda: ["SIGTERM", "SIGUSR1"])
     checkpoint_every_minutes: float | None = opt(None, "also checkpoint when this many minutes passed since the "
                                                        "last checkpoint (preemptible machines); null = off", gt=0)
-    validate_every: int = opt(500, "steps between validations; 0 = only at the end", ge=0)
+    validate_every: int = opt(500, "steps between validations (and one at the end); 0 = never", ge=0)
     log_every: int = opt(50, "steps between metric lines", ge=1)
     deterministic: bool = opt(False, "torch deterministic algorithms (bitwise GPU runs, slower)")
     cpu: bool = opt(False, "force CPU even when an accelerator is present")

@@ -106,10 +106,11 @@ class Trainer:
                 if self.step % t["log_every"] == 0 or last:
                     self.log_interval(metrics, grad_norm)
                 progress.update(self.step, loss, self.lr)
-                if (t["validate_every"] and self.step % t["validate_every"] == 0) or last:
+                if t["validate_every"] and (self.step % t["validate_every"] == 0 or last):  # 0 = never
                     self.validate(metrics)
                 stop, timed = stops.due(self.accelerator)  # a signal or the timer: the same on every rank
-                if (t["checkpoint_every"] and self.step % t["checkpoint_every"] == 0) or last or stop or timed:
+                every = t["checkpoint_every"]  # 0 = only on a stop request (signal, timer); final/ is always written
+                if (every and (self.step % every == 0 or last)) or stop or timed:
                     self.save()
                     stops.saved()
                 if stop and not last:
