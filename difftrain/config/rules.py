@@ -16,6 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from difftrain.config.rule_helpers import changed_keys, chosen_is, node_of, warmup_steps
+from difftrain.config.rules_distributed import (
+    fsdp2_not_with_adamw8bit,
+    fsdp2_not_with_compile,
+    fsdp2_not_with_forced_cpu,
+    fsdp2_not_with_posthoc_ema,
+    fsdp2_not_with_quantized_base,
+    fsdp2_trains_only_the_denoiser,
+)
 from difftrain.config.rules_recipes import (
     masks_from_files_need_an_image_folder,
     prior_preservation_is_complete,
@@ -155,6 +163,17 @@ def unet_channels_divisible_by_groups(cfg: dict) -> list[str]:
     if any(c % m["norm_num_groups"] for c in m["block_out_channels"]):
         return [f"model.block_out_channels {m['block_out_channels']} must be divisible by "
                 f"model.norm_num_groups ({m['norm_num_groups']})"]
+    return []
+
+
+def guidance_needs_label_dropout(cfg: dict) -> list[str]:
+    """`model.guidance_scale` other than 1 needs a class-conditional UNet trained with `model.label_dropout` > 0."""
+    model = node_of(cfg, "model")
+    if not chosen_is(cfg, "model", UNet2DConfig) or model.get("guidance_scale", 1.0) == 1.0 or model.get("pretrained"):
+        return []
+    if model.get("num_class_embeds") is None or not model.get("label_dropout"):
+        return [f"model.guidance_scale={model['guidance_scale']} needs a 'no label' class to guide against: set "
+                "model.label_dropout (e.g. 0.1) on a class-conditional model, or model.guidance_scale=1"]
     return []
 
 
@@ -329,6 +348,7 @@ RULES: tuple[Rule, ...] = (
     unet_blocks_per_level,
     unet_channels_divisible_by_groups,
     unet_sample_size_divisible,
+    guidance_needs_label_dropout,
     sample_size_is_data_resolution,
     data_classes_fit_model,
     validation_labels_in_model_classes,
@@ -367,6 +387,12 @@ RULES: tuple[Rule, ...] = (
     zero_stage_keys_apply,
     deepspeed_not_with_forced_cpu,
     deepspeed_not_with_adamw8bit,
+    fsdp2_not_with_forced_cpu,
+    fsdp2_not_with_adamw8bit,
+    fsdp2_not_with_compile,
+    fsdp2_not_with_quantized_base,
+    fsdp2_trains_only_the_denoiser,
+    fsdp2_not_with_posthoc_ema,
 )
 
 

@@ -44,15 +44,21 @@ class UNet2DFamily:
         from diffusers import UNet2DModel
 
         self.name = options.name
+        self.label_dropout, self.guidance_scale = options.label_dropout, options.guidance_scale
         if options.pretrained:
             self.module = load_unet2d(options.pretrained)
         else:
             keys = dataclasses.asdict(options)
-            del keys["name"], keys["pretrained"]
+            for key in ("name", "pretrained", "label_dropout", "guidance_scale"):
+                del keys[key]
+            if self.label_dropout and keys["num_class_embeds"] is not None:
+                keys["num_class_embeds"] += 1  # the last embedding is 'no label' (classifier-free guidance)
             self.module = UNet2DModel(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in keys.items()})
         model_config = self.module.config
         # folder labels feed the model only if it has a class embedding (num_class_embeds set)
         self.class_conditional = model_config.num_class_embeds is not None
+        guided = self.class_conditional and (self.label_dropout > 0 or self.guidance_scale != 1)
+        self.null_label = model_config.num_class_embeds - 1 if guided else None
         self.channels = int(model_config.in_channels)
         size = model_config.sample_size
         self.size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -71,7 +77,13 @@ class UNet2DFamily:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Pixels and labels; with label_dropout each label is replaced by the 'no label' class with that
+        probability (one draw per sample from the step's generator, so resume replays it; the fixed validation
+        inputs, asked for without a generator, keep every label)."""
         labels = batch.get("labels") if self.class_conditional else None
+        if labels is not None and self.label_dropout and generator is not None:
+            dropped = torch.rand(labels.shape, generator=generator) < self.label_dropout
+            labels = torch.where(dropped, torch.full_like(labels, self.null_label), labels)
         return batch["pixels"].to(device), {"class_labels": None if labels is None else labels.to(device)}
 
     @classmethod
@@ -117,8 +129,17 @@ class UNet2DFamily:
         class_labels = labels.to(device) if labels is not None and self.class_conditional else None
         cond = {"class_labels": class_labels}
         height, width = request.size or self.size
-        images = sample(lambda x, t: self.predict(model, x, t, cond), schedule,
-                        (count, self.channels, height, width), request.steps, request.seed, device)
+        scale = request.guidance_scale if request.guidance_scale is not None else self.guidance_scale
+        if class_labels is not None and scale != 1 and self.null_label is not None:
+            both = {"class_labels": torch.cat([class_labels, torch.full_like(class_labels, self.null_label)])}
+
+            def denoise(x, t):  # classifier-free guidance: one batch of (label, no label)
+                labelled, unlabelled = self.predict(model, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+                return unlabelled + scale * (labelled - unlabelled)
+        else:
+            def denoise(x, t):
+                return self.predict(model, x, t, cond)
+        images = sample(denoise, schedule, (count, self.channels, height, width), request.steps, request.seed, device)
         return images, request.per_condition if labels is not None else UNCONDITIONAL_ROW
 
     def export(self, final_dir: Path, model, ema, schedule) -> None:
@@ -138,8 +159,9 @@ class UNet2DFamily:
         from difftrain.config.schema import UNet2DConfig
 
         final = run_dir / "final" / "unet"
+        guidance = {k: cfg["model"][k] for k in ("label_dropout", "guidance_scale") if k in cfg["model"]}
         if (final / "config.json").is_file():
-            family = cls(UNet2DConfig(name=cfg["model"]["name"], pretrained=str(final)))
+            family = cls(UNet2DConfig(name=cfg["model"]["name"], pretrained=str(final), **guidance))
         else:
             family = cls(UNet2DConfig(**{**cfg["model"], "pretrained": None}))
             family.load_checkpoint_tensors(family.module, checkpoint_tensors())
@@ -155,7 +177,8 @@ class FinishedUNet2D:
         self.unet2d, self.schedule, self.device = unet2d, schedule, device
         self.family = unet2d.name
         self.conditioning = "labels" if unet2d.class_conditional else None
-        self.num_classes = unet2d.module.config.num_class_embeds
+        classes = unet2d.module.config.num_class_embeds
+        self.num_classes = classes - 1 if classes is not None and unet2d.null_label is not None else classes
         self.resolution = unet2d.size[0]
 
     def generate(self, request: SampleRequest) -> tuple[torch.Tensor, int]:

@@ -8,7 +8,7 @@ import inspect
 import pytest
 
 from difftrain.cli.train import compose_config
-from difftrain.config import rules, rules_recipes, rules_run, rules_t2i, validate
+from difftrain.config import rules, rules_distributed, rules_recipes, rules_run, rules_t2i, validate
 from difftrain.config.rules import RULES
 from difftrain.config.validate import ConfigError
 
@@ -57,6 +57,9 @@ CASES = [
      ["model.block_out_channels [32, 64] must be divisible by model.norm_num_groups (3)"]),
     ("unet_sample_size_divisible", ["data.resolution=7"],
      ["model.sample_size (7) must be divisible by 2 for 2 resolution levels"]),
+    ("guidance_needs_label_dropout", ["model.guidance_scale=2"],
+     ["model.guidance_scale=2.0 needs a 'no label' class to guide against: set model.label_dropout (e.g. 0.1) on a "
+      "class-conditional model, or model.guidance_scale=1"]),
     ("sample_size_is_data_resolution", ["model.sample_size=16"],
      ["model.sample_size (16) differs from data.resolution (8); leave model.sample_size at ${data.resolution}"]),
     ("data_classes_fit_model", ["model.num_class_embeds=5", "validation.labels=[0,1]"],
@@ -203,6 +206,25 @@ CASES = [
       "machine without GPUs leave trainer.cpu=false: DeepSpeed picks its CPU accelerator itself"]),
     ("deepspeed_not_with_adamw8bit", ["distributed=deepspeed_zero2", "optimizer=adamw8bit"],
      ["optimizer=adamw8bit is not supported under DeepSpeed; use optimizer=adamw"]),
+    ("fsdp2_not_with_forced_cpu", ["distributed=fsdp2", "trainer.cpu=true"],
+     ["trainer.cpu=true cannot be combined with distributed=fsdp2 (torch shards over the machine's accelerator "
+      "when it has one); on a machine without GPUs leave trainer.cpu=false: FSDP2 then runs on the CPU with gloo "
+      "by itself"]),
+    ("fsdp2_not_with_adamw8bit", ["distributed=fsdp2", "optimizer=adamw8bit"],
+     ["optimizer=adamw8bit cannot step FSDP2's sharded parameters (DTensors): use optimizer=adamw (its state is "
+      "sharded with the parameters already)"]),
+    ("fsdp2_not_with_compile", ["distributed=fsdp2", "trainer.compile=regional"],
+     ["trainer.compile=regional is not supported with distributed=fsdp2 yet (compiling in place before "
+      "fully_shard is untested); use trainer.compile=none, or distributed=ddp to compile"]),
+    ("fsdp2_not_with_quantized_base", [*T2I, "lora=on", "model.quantize_base=nf4", "distributed=fsdp2"],
+     ["model.quantize_base=nf4 cannot be sharded by distributed=fsdp2 (quantised weights are not DTensors); use "
+      "model.quantize_base=none, or distributed=ddp for QLoRA"]),
+    ("fsdp2_trains_only_the_denoiser", [*T2I, "lora=on", "lora.train_text_encoder=true", "distributed=fsdp2"],
+     ["lora.train_text_encoder=true trains weights outside the denoiser, which distributed=fsdp2 does not shard; "
+      "set lora.train_text_encoder=false, or use distributed=ddp"]),
+    ("fsdp2_not_with_posthoc_ema", ["distributed=fsdp2", "ema=posthoc"],
+     ["ema=posthoc is not supported with distributed=fsdp2 yet; use ema=ema (gathered from the shards in bounded "
+      "groups) or ema=none"]),
     ("lora_formats_are_known", ["export.lora_formats=[onnx,onnx]"],
      ["export.lora_formats: 'onnx' is not a LoRA format; choose from diffusers, kohya",
       "export.lora_formats=['onnx', 'onnx'] leaves out diffusers, which is always written (the kohya file is "
@@ -261,7 +283,7 @@ def test_each_rule_fires_with_its_exact_message(rule, overrides, messages, paths
 
 
 def test_every_rule_is_listed_triggered_and_documented_in_one_line():
-    defined = {name for module in (rules, rules_t2i, rules_recipes, rules_run) for name, fn in inspect.getmembers(module, inspect.isfunction)
+    defined = {name for module in (rules, rules_t2i, rules_recipes, rules_run, rules_distributed) for name, fn in inspect.getmembers(module, inspect.isfunction)
                if fn.__module__ == module.__name__ and not name.startswith("_") and name != "check_rules"}
     assert defined == {r.__name__ for r in RULES}  # no rule defined but not run
     assert len(set(RULES)) == len(RULES)

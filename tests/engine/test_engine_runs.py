@@ -98,3 +98,52 @@ def test_outputs_load_with_diffusers(tmp_path):
             "final/unet/diffusion_pytorch_model.safetensors", "final/scheduler/scheduler_config.json"} <= files
     assert any(f.startswith("tensorboard/events.out.tfevents") for f in files)
     assert any(f.startswith("samples/step_") and f.endswith(".png") for f in files)
+
+
+def test_label_dropout_and_classifier_free_guidance(tmp_path):
+    """label_dropout trains a 'no label' embedding (one more class); guidance combines both predictions."""
+    from conftest import tiny_config
+
+    from difftrain import registry
+    from difftrain.families.protocol import SampleRequest
+
+    cfg = tiny_config(tmp_path / "run", "model.label_dropout=0.5", "model.guidance_scale=3")
+    family = registry.build("model", cfg["model"])
+    assert family.module.config.num_class_embeds == 11 and family.null_label == 10
+    batch = {"pixels": torch.zeros(64, 1, 8, 8), "labels": torch.arange(64) % 10}
+    _, cond = family.inputs(batch, "cpu", generator=torch.Generator().manual_seed(0))
+    dropped = cond["class_labels"] == 10
+    assert 20 < int(dropped.sum()) < 44 and torch.equal(cond["class_labels"][~dropped], batch["labels"][~dropped])
+    assert torch.equal(family.inputs(batch, "cpu")[1]["class_labels"], batch["labels"])  # validation: no dropout
+    calls = []
+    real = family.predict
+
+    def spy(model, x, t, c):
+        calls.append(c["class_labels"].tolist())
+        return real(model, x, t, c)
+
+    family.predict = spy
+    schedule = registry.build("scheduler", cfg["scheduler"])
+    images, _ = family.generate(family.module, schedule, SampleRequest(labels=(3,), per_condition=2, steps=2), "cpu")
+    assert calls == [[3, 3, 10, 10]] * 2 and images.shape == (2, 1, 8, 8)
+    family.predict = real
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([500, 500])
+    with torch.no_grad():
+        labelled = real(family.module, x, t, {"class_labels": torch.tensor([3, 3])})
+        unlabelled = real(family.module, x, t, {"class_labels": torch.tensor([10, 10])})
+    from difftrain.components import sampling
+
+    seen = {}
+    original = sampling.sample
+
+    def capture(predict, *args, **kwargs):
+        seen["out"] = predict(x, t)
+        return original(predict, *args, **kwargs)
+
+    sampling.sample = capture
+    try:
+        family.generate(family.module, schedule, SampleRequest(labels=(3,), per_condition=2, steps=1), "cpu")
+    finally:
+        sampling.sample = original
+    assert torch.allclose(seen["out"], unlabelled + 3 * (labelled - unlabelled), atol=1e-5)
