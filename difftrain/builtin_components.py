@@ -110,6 +110,9 @@ register("distributed", "deepspeed_zero3", f"{E}.distributed:deepspeed_accelerat
          "DeepSpeed ZeRO-3 through accelerate: parameters sharded too (EMA gathered in bounded groups; "
          "preset of deepspeed_zero2)",
          sd.DeepSpeedConfig)
+register("distributed", "fsdp2", f"{E}.strategy_fsdp:fsdp2_accelerator_kwargs",
+         "torch FSDP2 (fully_shard per repeated block) through accelerate: parameters, gradients and optimizer "
+         "state sharded; sharded checkpoints (torch.distributed.checkpoint)", sd.FSDP2Config)
 
 # latent text-to-image families (pretrained diffusers pipelines), their data source and LoRA
 register("model", "sd15", f"{F}.sd15:SD15Family",

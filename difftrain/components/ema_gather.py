@@ -8,11 +8,19 @@ size stays under a byte budget, and each group is gathered once.
 
 `deepspeed` is imported only when a ZeRO-3 parameter is actually seen, never at module import. Tests patch
 `gathered_parameters` (the single place that touches deepspeed) with a fake context manager.
+
+FSDP2 (`distributed=fsdp2`) parameters are DTensors: each rank holds a shard, `p.shape` is the full shape.
+They are gathered the same way, in the same byte-bounded groups: for the duration of a group each DTensor
+member of the caller's list `params` is replaced by its full tensor (`full_tensor()`, one all-gather per
+parameter, every rank) and put back after; with `modifier_rank` set, what the caller wrote into the full
+tensors is first written back into the shards (rank `modifier_rank`'s values, as DeepSpeed does). Every
+rank must call with the same parameters in the same order (the gathers are collectives).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -28,6 +36,45 @@ def is_zero3_param(p: torch.Tensor) -> bool:
 
 def any_zero3(params: Sequence[torch.Tensor]) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
+
+
+def _dtensor_class():
+    """DTensor when torch.distributed.tensor is loaded (FSDP2 loads it); otherwise no tensor can be one, and
+    the (slow) import is not paid by runs without it."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    """True for a DTensor (an FSDP2 shard; `p.shape` and `p.numel()` are the full tensor's)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(p, cls)
+
+
+@contextlib.contextmanager
+def full_dtensors(params: list[torch.Tensor], group: list[int], modifier_rank: int | None) -> Iterator[None]:
+    """Swap the DTensor members of `params[group]` for their full tensors (same `requires_grad`) while the
+    body runs; with `modifier_rank`, write that rank's full values back into the shards before the swap back."""
+    sharded = {i: params[i] for i in group if is_dtensor(params[i])}
+    if not sharded:
+        yield
+        return
+    if not isinstance(params, list):
+        raise TypeError("DTensor (FSDP2) parameters are gathered in place of the list's members: pass a list")
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        for i, p in sharded.items():
+            params[i] = p.detach().full_tensor().requires_grad_(p.requires_grad)
+    try:
+        yield
+        if modifier_rank is not None:
+            with torch.no_grad():
+                for i, p in sharded.items():
+                    full = params[i].detach().to(p.dtype)
+                    p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=modifier_rank))
+    finally:
+        for i, p in sharded.items():
+            params[i] = p
 
 
 def full_nbytes(p: torch.Tensor) -> int:
@@ -77,13 +124,14 @@ def iter_gathered(
 
     Without any ZeRO-3 parameter this yields one group with every index and gathers nothing. A group that
     holds no ZeRO-3 parameter is yielded without a gather context. `modifier_rank=0` must be used when the
-    caller writes into the parameters (e.g. `copy_to`); `None` for read-only access (e.g. `step`).
+    caller writes into the parameters (e.g. `copy_to`); `None` for read-only access (e.g. `step`). DTensor
+    members of the list `params` are replaced by their full tensors within their group (module docstring).
     """
-    if not any_zero3(params):
+    if not any_zero3(params) and not any(is_dtensor(p) for p in params):
         yield list(range(len(params)))
         return
     for group in bucket_by_bytes(params, budget_bytes):
         zero_params = [params[i] for i in group if is_zero3_param(params[i])]
         ctx = gathered_parameters(zero_params, modifier_rank) if zero_params else contextlib.nullcontext()
-        with ctx:
+        with ctx, full_dtensors(params, group, modifier_rank):  # type: ignore[arg-type]
             yield group

@@ -5,7 +5,8 @@
 DeepSpeedPlugin; difftrain writes the DeepSpeed config from these keys and from `trainer` (micro-batch,
 accumulation, `max_grad_norm` -> `gradient_clipping`, `mixed_precision` -> `bf16`/`fp16`), so one YAML
 drives both engines. `deepspeed_zero3` is a preset of `deepspeed_zero2` (conf/distributed/deepspeed_zero3.yaml:
-`zero_stage: 3`). Pure Python: no torch, accelerate or deepspeed import here.
+`zero_stage: 3`). `fsdp2` is torch's `fully_shard` through accelerate's FSDP plugin (version 2), one unit per
+repeated block of the denoiser (engine/strategy_fsdp.py). Pure Python: no torch, accelerate or deepspeed import here.
 """
 
 from __future__ import annotations
@@ -43,4 +44,14 @@ class DeepSpeedConfig:
     stage3_prefetch_bucket_size: int = opt(50_000_000, "ZeRO-3: elements prefetched ahead of use", ge=0)
     stage3_param_persistence_threshold: int = opt(100_000, "ZeRO-3: parameters with fewer elements stay whole "
                                                            "on every rank", ge=0)
+    timeout_s: int = opt(1800, "seconds a collective may wait for the other processes", ge=1)
+
+
+@dataclass(frozen=True)
+class FSDP2Config:
+    name: str = "fsdp2"
+    cpu_offload: bool = opt(False, "keep the parameter, gradient and optimizer shards in CPU memory between uses "
+                                   "(FSDP2 CPUOffloadPolicy; the optimizer steps on the CPU)")
+    reshard_after_forward: bool = opt(True, "free each block's gathered parameters after its forward and gather "
+                                            "them again for the backward (less memory, one more all-gather)")
     timeout_s: int = opt(1800, "seconds a collective may wait for the other processes", ge=1)

@@ -1,9 +1,10 @@
-"""One run, many processes: the Accelerator of the `distributed` group (DDP or DeepSpeed).
+"""One run, many processes: the Accelerator of the `distributed` group (DDP, DeepSpeed or FSDP2).
 
 Launchers (`accelerate launch`, `torchrun`, `deepspeed`, SLURM `srun` + torchrun) start N copies of
 `difftrain train`; each builds the same Accelerator here. The engines are accelerate's: torch DDP
 (`distributed=ddp`) or DeepSpeed ZeRO through `DeepSpeedPlugin` (`distributed=deepspeed_zero2|3`), with
-the DeepSpeed config written from the YAML. How each engine saves, loads and gathers weights is in
+the DeepSpeed config written from the YAML, or torch FSDP2 through accelerate's FSDP plugin
+(`distributed=fsdp2`, engine/strategy_fsdp.py). How each engine saves, loads and gathers weights is in
 engine/strategies.py.
 """
 
@@ -137,9 +138,16 @@ def make_accelerator(cfg: dict):
         raise UserError("the launcher asks for DeepSpeed (accelerate launch --use_deepspeed) but the config has "
                         f"distributed={name}; choose distributed=deepspeed_zero2 or deepspeed_zero3 instead "
                         "(difftrain writes the DeepSpeed config from its YAML) and launch without --use_deepspeed")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and name != "fsdp2":
+        raise UserError("the launcher asks for FSDP (accelerate launch --use_fsdp) but the config has "
+                        f"distributed={name}; choose distributed=fsdp2 instead (difftrain sets up FSDP from its "
+                        "YAML) and launch without --use_fsdp")
     kwargs = registry.build("distributed", cfg["distributed"], trainer=t)
+    after_init = kwargs.pop("after_init", None)  # fsdp2: accelerate's state finished (engine/strategy_fsdp.py)
     accelerator = Accelerator(mixed_precision=t["mixed_precision"], gradient_accumulation_steps=t["grad_accum"],
                               step_scheduler_with_optimizer=False, **kwargs)
+    if after_init is not None:
+        after_init(accelerator)
     if accelerator.num_processes != launched_world_size():
         raise UserError(f"the launcher started {launched_world_size()} processes but accelerate joined "
                         f"{accelerator.num_processes}; on a machine without GPUs use `accelerate launch --cpu` "

@@ -1,4 +1,5 @@
-"""How one run's weights are saved, loaded and gathered under each engine: DDP (also one process) or DeepSpeed.
+"""How one run's weights are saved, loaded and gathered under each engine: DDP (also one process) or DeepSpeed
+(FSDP2: engine/strategy_fsdp.py, the same protocol).
 
 The Trainer talks to one `Strategy`; it never asks which engine it has:
 
@@ -143,5 +144,9 @@ class DeepSpeedStrategy(DDPStrategy):
 def strategy_for(accelerator, model, optimizer, family) -> DDPStrategy:
     from accelerate.utils import DistributedType
 
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from difftrain.engine.strategy_fsdp import FSDP2Strategy  # distributed=fsdp2
+
+        return FSDP2Strategy(accelerator, model, optimizer, family)
     cls = DeepSpeedStrategy if accelerator.distributed_type == DistributedType.DEEPSPEED else DDPStrategy
     return cls(accelerator, model, optimizer, family)

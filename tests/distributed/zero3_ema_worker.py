@@ -53,7 +53,7 @@ def main(out: Path) -> None:
     Trainer.train_step = checked_step
     run = out / "run"
     run_training(tiny_config(run, "distributed=deepspeed_zero3", "distributed.stage3_param_persistence_threshold=0",
-                             "trainer.batch_size=4", "trainer.max_steps=3", "trainer.checkpoint_every=0"))
+                             "trainer.batch_size=4", "trainer.max_steps=3", "trainer.checkpoint_every=3"))
     trainer = seen[0]
     params = tracked(trainer)
     shadows = trainer.ema.ema.shadow_params
