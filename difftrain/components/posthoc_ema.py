@@ -29,11 +29,13 @@ SNAPSHOT_FORMAT = "difftrain.posthoc_ema/1"
 SNAPSHOT_DIR = "ema_snapshots"
 SNAPSHOT_RE = re.compile(r"^step-(\d+)\.profile-(\d+)\.safetensors$")
 #: fp32 bytes of parameters per update piece, by device type: small enough that the piece is still in cache
-#: when the next profile reads it (CPU: L2/L3; a GPU's L2 is tens of MiB), large enough that the per-call cost
-#: (an OpenMP region on the CPU, a kernel launch on a GPU) stays small. CPU measured (benchmarks/ema.py,
-#: docs/performance.md); the GPU value is not measured yet.
-UPDATE_CHUNK_BYTES = {"cpu": 1 << 20}
-UPDATE_CHUNK_BYTES_ACCELERATOR = 16 << 20
+#: when the next profile reads it (CPU: L2; a GPU's L2 is tens of MiB), large enough that the per-piece cost
+#: (an OpenMP region on the CPU) stays small. CPU measured (benchmarks/ema.py, docs/performance.md); the GPU
+#: value is not measured yet.
+UPDATE_PIECE_BYTES = {"cpu": 1 << 20}
+UPDATE_PIECE_BYTES_ACCELERATOR = 16 << 20
+#: fp32 bytes per fused call (bounds the fp32 temporaries of non-fp32 parameters, as EMAModel's CAST_CHUNK_BYTES)
+CALL_BYTES = 64 << 20
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -119,6 +121,28 @@ def synthesis_weights(snapshots: Sequence[tuple[float, int]], target: tuple[floa
     return [float(v) for v in x], math.sqrt(residual / c)
 
 
+# ---- the fused update ------------------------------------------------------------------------------
+_SCALAR_LIST: list[bool] = []  # whether _foreach_lerp_ takes one weight per tensor (newer torch), tested once
+
+
+def lerp_profiles(shadows: list[torch.Tensor], pieces: list[torch.Tensor], weights: list[float]) -> None:
+    """shadows[j*K + k] <- lerp(shadows[j*K + k], pieces[j], weights[k]) for K = len(weights) profiles: one
+    `_foreach_lerp_` with a weight per tensor, in the order piece 1 of every profile, piece 2 of every
+    profile, ... (each piece is read again while it is in cache); on an older torch, one call per profile."""
+    k = len(weights)
+    if not _SCALAR_LIST:
+        try:
+            torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], [0.5])
+            _SCALAR_LIST.append(True)
+        except (TypeError, RuntimeError):
+            _SCALAR_LIST.append(False)
+    if _SCALAR_LIST[0]:
+        torch._foreach_lerp_(shadows, [p for p in pieces for _ in range(k)], weights * len(pieces))
+    else:
+        for j, w in enumerate(weights):
+            torch._foreach_lerp_(shadows[j::k], pieces, w)
+
+
 # ---- the EMA object -------------------------------------------------------------------------------
 class PostHocEMA:
     """Power-function EMAs (one per sigma_rel) of a model's trainable parameters, fp32 shadows, snapshotted.
@@ -145,7 +169,7 @@ class PostHocEMA:
         self.optimization_step = 0
         self.run_dir: Path | None = None
         self.is_main, self.max_steps = True, None
-        self.update_chunk_bytes: int | None = None  # None: UPDATE_CHUNK_BYTES of the shadows' device type
+        self.update_piece_bytes: int | None = None  # None: UPDATE_PIECE_BYTES of the shadows' device type
         self._plans: dict[tuple[int, ...], list] = {}  # group -> pieces and shadow views (shadows are ours)
         self._param_views: dict[tuple[int, ...], tuple] = {}  # group -> (storage pointers, parameter views)
         self._resolved: tuple | None = None  # (weakref to the model, its tracked parameters)
@@ -177,42 +201,45 @@ class PostHocEMA:
         params = self._step_params(model)
         self.optimization_step += 1
         weights = [1.0 - beta(g, self.optimization_step) for g in self.gammas]
+        model_params = list(params)  # a gather may swap full tensors into `params` for a group's duration
         for group in ema_gather.iter_gathered(params, self.gather_bucket_bytes, modifier_rank=None):
-            self._update(group, params, weights)
+            self._update(group, params, weights, model_params)
         t = self.optimization_step
         if self.run_dir is not None and self.is_main and (t % self.snapshot_every == 0 or t == self.max_steps):
             self.write_snapshots()
 
-    def _update(self, group: list[int], params: list[torch.Tensor], weights: list[float]) -> None:
+    def _update(self, group: list[int], params: list[torch.Tensor], weights: list[float],
+                model_params: list[torch.Tensor]) -> None:
         """Every profile from one read of each parameter: the parameters are cut into pieces of at most
-        `update_chunk_bytes` (flat views, big tensors split too), and each piece list (cast to fp32 once if
-        needed) feeds one fused `_foreach_lerp_` per profile while it is still in cache."""
+        `update_piece_bytes` (flat views; big tensors split), and one fused `_foreach_lerp_` per call chunk
+        updates piece 1 of every profile, then piece 2 of every profile, ...: each piece is read from memory
+        once and from cache for the other profiles. Non-fp32 pieces are cast once, a call chunk at a time."""
         key = tuple(group)
         plan = self._plan(key, params)
-        for (_, shadow_views), ps in zip(plan, self._views_of_params(key, params, plan)):
-            s_dev = shadow_views[0][0].device
-            if ps[0].dtype != torch.float32 or ps[0].device != s_dev:  # a piece list has one dtype and device
+        for (_, shadow_views), ps in zip(plan, self._views_of_params(key, params, plan, model_params)):
+            s_dev = shadow_views[0].device
+            if ps[0].dtype != torch.float32 or ps[0].device != s_dev:  # a call chunk has one dtype and device
                 ps = [p.to(device=s_dev, dtype=torch.float32) for p in ps]
-            for views, w in zip(shadow_views, weights):
-                torch._foreach_lerp_(views, ps, w)
+            lerp_profiles(shadow_views, ps, weights)
 
-    def _views_of_params(self, key: tuple[int, ...], params: list[torch.Tensor], plan: list) -> list:
-        """The parameter pieces of `plan`, as views; kept while every parameter keeps its storage (never for
-        ZeRO-3 parameters: their gathered storage is freed after each group and must not be held)."""
+    def _views_of_params(self, key: tuple[int, ...], params: list[torch.Tensor], plan: list,
+                         model_params: list[torch.Tensor]) -> list:
+        """The parameter pieces of `plan`, as views; kept while every parameter keeps its storage, and only for
+        the model's own, ungathered parameters (a gathered full tensor is freed after its group: not held)."""
         pointers = tuple(params[i].data_ptr() for i in key)
         cached = self._param_views.get(key)
         if cached is not None and cached[0] == pointers:
             return cached[1]
         views = [[params[i].detach() if a is None or (a == 0 and b == params[i].numel())
                   else params[i].detach().reshape(-1)[a:b] for i, a, b in pieces] for pieces, _ in plan]
-        if not any(ema_gather.is_zero3_param(params[i]) for i in key):
+        if all(params[i] is model_params[i] and not ema_gather.is_zero3_param(params[i]) for i in key):
             self._param_views[key] = (pointers, views)
         return views
 
     def _plan(self, group: tuple[int, ...], params: list[torch.Tensor]) -> list:
-        """[(pieces, per-profile shadow views)] of a group, computed once: pieces (i, start, stop) of the
-        flattened parameter i ((i, None, None): the whole tensor, when it is not contiguous), grouped per
-        (device, dtype) and cut at `update_chunk_bytes` of fp32."""
+        """[(pieces, shadow views)] of a group, computed once, one entry per call chunk (at most CALL_BYTES of
+        fp32, one device and dtype): pieces (i, start, stop) of the flattened parameter i ((i, None, None): the
+        whole tensor, when it is not contiguous), and the shadow views piece by piece, every profile's."""
         plan = self._plans.get(group)
         if plan is not None:
             return plan
@@ -222,36 +249,29 @@ class PostHocEMA:
             buckets.setdefault((self.shadows[0][i].device, p.device, p.dtype), []).append(i)
         plan = []
         for (device, _, _), indices in buckets.items():
-            chunk = self.update_chunk_bytes or UPDATE_CHUNK_BYTES.get(device.type, UPDATE_CHUNK_BYTES_ACCELERATOR)
-            limit = max(1, chunk // 4)
+            piece = self.update_piece_bytes or UPDATE_PIECE_BYTES.get(device.type, UPDATE_PIECE_BYTES_ACCELERATOR)
+            piece_numel, call_numel = max(1, piece // 4), max(1, CALL_BYTES // 4)
             pieces, used = [], 0
             for i in indices:
                 n = self.shadows[0][i].numel()
-                if not params[i].is_contiguous():
-                    pieces.append((i, None, None))
-                    used += n
-                else:
-                    start = 0
-                    while start < n:
-                        take = min(n - start, limit - used)
-                        pieces.append((i, start, start + take))
-                        used, start = used + take, start + take
-                        if used >= limit:
-                            plan.append(self._views(pieces))
-                            pieces, used = [], 0
-                    continue
-                if used >= limit:
-                    plan.append(self._views(pieces))
-                    pieces, used = [], 0
+                spans = [(None, None)] if not params[i].is_contiguous() else [
+                    (start, min(start + piece_numel, n)) for start in range(0, n, piece_numel)]
+                for a, b in spans:
+                    pieces.append((i, a, b))
+                    used += n if a is None else b - a
+                    if used >= call_numel:
+                        plan.append(self._views(pieces))
+                        pieces, used = [], 0
             if pieces:
                 plan.append(self._views(pieces))
         self._plans[group] = plan
         return plan
 
-    def _views(self, pieces: list[tuple]) -> tuple[list[tuple], list[list[torch.Tensor]]]:
-        """(pieces, per-profile shadow views); a whole tensor keeps its shape (so does its parameter's view)."""
-        return pieces, [[shadow[i] if a is None or (a == 0 and b == shadow[i].numel()) else shadow[i].view(-1)[a:b]
-                         for i, a, b in pieces] for shadow in self.shadows]
+    def _views(self, pieces: list[tuple]) -> tuple[list[tuple], list[torch.Tensor]]:
+        """(pieces, shadow views [piece 1 of every profile, piece 2 of every profile, ...]); a whole tensor
+        keeps its shape (so does its parameter's view)."""
+        return pieces, [shadow[i] if a is None or (a == 0 and b == shadow[i].numel()) else shadow[i].view(-1)[a:b]
+                        for i, a, b in pieces for shadow in self.shadows]
 
     # ---- snapshots ---------------------------------------------------------------------------
     def snapshot_folder(self) -> Path:

@@ -140,10 +140,12 @@ def test_checkpoint_state_round_trip_and_mismatch():
     assert not math.isnan(ema.decay)
 
 
-def test_update_in_pieces_equals_a_whole_tensor_lerp_per_profile():
-    """The read-once update (pieces of update_chunk_bytes, a big tensor split, a non-contiguous and a bf16
+@pytest.mark.parametrize("one_call", [True, False], ids=["weight-per-tensor", "call-per-profile"])
+def test_update_in_pieces_equals_a_whole_tensor_lerp_per_profile(one_call, monkeypatch):
+    """The read-once update (pieces of update_piece_bytes, a big tensor split, a non-contiguous and a bf16
     parameter, cached parameter views) is bitwise the plain per-tensor lerp of every profile, also after a
-    parameter gets new storage."""
+    parameter gets new storage; with one fused call per chunk and with the older torch's call per profile."""
+    monkeypatch.setattr(ph, "_SCALAR_LIST", [one_call])
     torch.manual_seed(0)
     model = torch.nn.Module()
     model.big = torch.nn.Parameter(torch.randn(300, 200))
@@ -152,7 +154,7 @@ def test_update_in_pieces_equals_a_whole_tensor_lerp_per_profile():
     model.bf16 = torch.nn.Parameter(torch.randn(50, 3).bfloat16())
     assert not model.strided.is_contiguous()
     ema = ph.PostHocEMA(model, [0.05, 0.10, 0.2], snapshot_every=10**9)
-    ema.update_chunk_bytes = 4096  # 1024 elements: `big` in 59 pieces
+    ema.update_piece_bytes = 4096  # 1024 elements: `big` in 59 pieces
     reference = [[s.clone() for s in shadow] for shadow in ema.shadows]
     params = [p for _, p in model.named_parameters()]
     for t in range(1, 7):
@@ -165,6 +167,40 @@ def test_update_in_pieces_equals_a_whole_tensor_lerp_per_profile():
         for shadow, gamma in zip(reference, ema.gammas):
             for s, p in zip(shadow, params):
                 s.lerp_(p.detach().float(), 1.0 - ph.beta(gamma, t))
-    assert len(ema._plans[(0, 1, 2, 3)]) > 59
+    pieces, views = ema._plans[(0, 1, 2, 3)][0]  # the fp32 call chunk: `big` in 59 pieces, `small`, `strided`
+    assert len(pieces) == 61 and len(views) == 3 * 61
     for mine, ref in zip(ema.shadows, reference):
         assert all(torch.equal(a, b) for a, b in zip(mine, ref))
+
+
+def test_gathered_tensors_are_not_held_after_their_group(monkeypatch):
+    """A gather that swaps full tensors into the parameter list for a group (as FSDP2's does): the update reads
+    them, and no view of them is kept afterwards (they are freed with the group)."""
+    import contextlib
+
+    from difftrain.components import ema_gather
+
+    @contextlib.contextmanager
+    def swap(params, group):
+        originals = {i: params[i] for i in group}
+        for i in group:
+            params[i] = params[i].detach().clone()  # the "full tensor" of a shard
+        try:
+            yield
+        finally:
+            for i, p in originals.items():
+                params[i] = p
+
+    def fake_iter_gathered(params, budget_bytes=0, modifier_rank=None):
+        with swap(params, list(range(len(params)))):
+            yield list(range(len(params)))
+
+    model = torch.nn.Linear(5, 4)
+    ema = ph.PostHocEMA(model, [0.05, 0.10], snapshot_every=10**9)
+    monkeypatch.setattr(ema_gather, "iter_gathered", fake_iter_gathered)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.step(model)
+    ema.step(model)
+    assert ema._param_views == {}
+    assert torch.allclose(ema.shadows[1][0], model.weight)  # both steps saw the weights (step 1 copies)

@@ -15,7 +15,7 @@ from difftrain.cli.main import main
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 LORA = ("lora=on", "lora.rank=4", "lora.alpha=8", "lora.train_text_encoder=true", "optimizer.lr=0.01",
-        "ema=posthoc", "ema.snapshot_every=2", "trainer.validate_every=0")
+        "ema=posthoc", "ema.snapshot_every=2", "trainer.validate_every=4")  # validated once, at the end
 PREFIXES = {"unet": "denoiser.", "transformer": "denoiser.", "text_encoder": "text_encoders.text_encoder."}  # T2IModule -> pipeline part
 
 
