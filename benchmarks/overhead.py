@@ -49,7 +49,7 @@ def minimal_loop(cfg: dict):
     torch.manual_seed(cfg["seed"])
     m = cfg["model"]
     model = UNet2DModel(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()
-                           if k not in ("name", "pretrained")})
+                           if k not in ("name", "pretrained", "label_dropout", "guidance_scale")})
     o = cfg["optimizer"]
     opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]),
                             weight_decay=o["weight_decay"], eps=o["eps"])

@@ -167,13 +167,14 @@ def unet_channels_divisible_by_groups(cfg: dict) -> list[str]:
 
 
 def guidance_needs_label_dropout(cfg: dict) -> list[str]:
-    """`model.guidance_scale` other than 1 needs a class-conditional UNet trained with `model.label_dropout` > 0."""
+    """`model.guidance_scale` other than 1 on a class-conditional UNet needs `model.label_dropout` > 0."""
     model = node_of(cfg, "model")
-    if not chosen_is(cfg, "model", UNet2DConfig) or model.get("guidance_scale", 1.0) == 1.0 or model.get("pretrained"):
+    if not chosen_is(cfg, "model", UNet2DConfig) or model.get("guidance_scale", 1.0) == 1.0 or \
+            model.get("pretrained") or model.get("num_class_embeds") is None:  # (unconditional: nothing to guide)
         return []
-    if model.get("num_class_embeds") is None or not model.get("label_dropout"):
+    if not model.get("label_dropout"):
         return [f"model.guidance_scale={model['guidance_scale']} needs a 'no label' class to guide against: set "
-                "model.label_dropout (e.g. 0.1) on a class-conditional model, or model.guidance_scale=1"]
+                "model.label_dropout (e.g. 0.1), or model.guidance_scale=1"]
     return []
 
 

@@ -171,9 +171,10 @@ class UNet2DConfig:
     norm_num_groups: int = opt(8, "group-norm groups", ge=1)
     attention_head_dim: int = opt(8, "attention head dim", ge=1)
     num_class_embeds: int | None = opt(10, "number of classes for class conditioning; null = unconditional", ge=1)
-    label_dropout: float = opt(0.0, "probability of training a sample without its label (one more, learned "
-                                    "'no label' class embedding: classifier-free guidance)", ge=0, lt=1)
-    guidance_scale: float = opt(1.0, "classifier-free guidance of class-conditional samples: eps_null + s (eps_label "
+    label_dropout: float = opt(0.1, "probability of training a sample without its label: one more, learned "
+                                    "'no label' class embedding (the last one of a pretrained UNet) for "
+                                    "classifier-free guidance; 0 = none", ge=0, lt=1)
+    guidance_scale: float = opt(1.4, "classifier-free guidance of class-conditional samples: eps_null + s (eps_label "
                                      "- eps_null); 1 = none (needs label_dropout > 0)", ge=0)
 
 
@@ -246,7 +247,7 @@ class PolynomialLRSchedulerConfig(WarmupLRSchedulerConfig):
 # ---- top-level sections ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainerConfig:
-    max_steps: int = opt(2000, "optimizer steps", ge=1)
+    max_steps: int = opt(900, "optimizer steps", ge=1)
     batch_size: int = opt(64, "per-process micro-batch size", ge=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm; null = no clipping", gt=0)

@@ -42,8 +42,8 @@ CASES = [
       "preset of ddpm"]),
     ("ema_min_decay_below_decay", ["ema.min_decay=0.99", "ema.decay=0.9"],
      ["ema.min_decay (0.99) must not exceed ema.decay (0.9)"]),
-    ("ema_starts_before_the_end", ["ema.update_after_step=2000"],
-     ["ema.update_after_step (2000) >= trainer.max_steps (2000): the EMA would never average; lower it or use "
+    ("ema_starts_before_the_end", ["ema.update_after_step=900"],
+     ["ema.update_after_step (900) >= trainer.max_steps (900): the EMA would never average; lower it or use "
       "ema=none"]),
     ("ema_option_matches_warmup", ["ema=ema_warmup", "ema.use_ema_warmup=false"],
      ["ema=ema_warmup with ema.use_ema_warmup=false is plain EMA: use ema=ema (the ema_warmup preset exists to "
@@ -57,9 +57,9 @@ CASES = [
      ["model.block_out_channels [32, 64] must be divisible by model.norm_num_groups (3)"]),
     ("unet_sample_size_divisible", ["data.resolution=7"],
      ["model.sample_size (7) must be divisible by 2 for 2 resolution levels"]),
-    ("guidance_needs_label_dropout", ["model.guidance_scale=2"],
-     ["model.guidance_scale=2.0 needs a 'no label' class to guide against: set model.label_dropout (e.g. 0.1) on a "
-      "class-conditional model, or model.guidance_scale=1"]),
+    ("guidance_needs_label_dropout", ["model.label_dropout=0"],
+     ["model.guidance_scale=1.4 needs a 'no label' class to guide against: set model.label_dropout (e.g. 0.1), or "
+      "model.guidance_scale=1"]),
     ("sample_size_is_data_resolution", ["model.sample_size=16"],
      ["model.sample_size (16) differs from data.resolution (8); leave model.sample_size at ${data.resolution}"]),
     ("data_classes_fit_model", ["model.num_class_embeds=5", "validation.labels=[0,1]"],
@@ -177,7 +177,7 @@ CASES = [
       "every weight; add lora=on, or set model.quantize_base=none"]),
     ("adam_betas", ["optimizer.betas=[0.9,1.0]"], ["optimizer.betas must be two numbers in [0, 1), got [0.9, 1.0]"]),
     ("warmup_within_max_steps", ["lr_scheduler.warmup_steps=2001"],
-     ["lr_scheduler.warmup_steps (2001) exceeds trainer.max_steps (2000); use a fraction such as "
+     ["lr_scheduler.warmup_steps (2001) exceeds trainer.max_steps (900); use a fraction such as "
       "lr_scheduler.warmup_steps=0.05 to scale with the run"]),
     ("warmup_within_max_steps", ["lr_scheduler.warmup_steps=2.5"],
      ["lr_scheduler.warmup_steps=2.5: give a fraction of trainer.max_steps below 1 (e.g. 0.05) or a whole number "

@@ -37,7 +37,9 @@ def test_pinned_losses(tmp_path, case):
     from difftrain.engine.run import run_training
 
     overrides, losses, val_losses = PINNED[case]
-    run_training(tiny_config(tmp_path / "run", "trainer.max_steps=6", "trainer.validate_every=3", *overrides))
+    # the math of the first version: no label dropout, no guidance (the default run's since issue 15)
+    run_training(tiny_config(tmp_path / "run", "trainer.max_steps=6", "trainer.validate_every=3",
+                             "model.label_dropout=0", "model.guidance_scale=1", *overrides))
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in lines if "loss" in x] == pytest.approx(losses, rel=1e-6)
     measured = [v for x in lines if "val_loss" in x for v in (x["val_loss"], x["val_loss_ema"])]
