@@ -183,8 +183,8 @@ def quiet_console() -> None:
         root.addHandler(console)
         root.setLevel(logging.INFO)
         logging.getLogger("difftrain").setLevel(logging.INFO)
-        warnings.showwarning = _show_warning
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.showwarning = _show_warning  # every time: a warnings.catch_warnings() block may have restored it
     route_library_logs()
 
 

@@ -15,7 +15,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import TINY  # noqa: E402
 
 # 2 processes x batch 4 = the global batch 8 of TINY; 12 steps, a checkpoint every 4
-RUN = ["trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.checkpoints_total_limit=null"]
+RUN = ["trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.validate_every=12",
+       "trainer.checkpoints_total_limit=null"]
 TWO = [*RUN, "trainer.batch_size=4"]  # per-process overrides on top of TINY
 ONE = [*RUN, "trainer.batch_size=8"]
 TWO_PROC = [*TINY, *TWO]  # full command-line overrides

@@ -106,7 +106,9 @@ def test_one_denoise_closure_for_validation_evaluation_and_the_cli(finished_run)
     run = UNet2DFamily.load_finished(finished_run, cfg, "cpu", lambda: pytest.fail("final/unet exists"))
     assert isinstance(run.unet2d, ModelFamily) and isinstance(run, FinishedRun)
     assert (run.conditioning, run.num_classes, run.resolution) == ("labels", 10, 8)
-    images, nrow = run.generate(SampleRequest(labels=tuple(range(10)), per_condition=2, steps=2, seed=5))
+    # guidance 1 = the plain closure (the guided one is tests/engine/test_engine_runs.py's)
+    images, nrow = run.generate(SampleRequest(labels=tuple(range(10)), per_condition=2, steps=2, seed=5,
+                                              guidance_scale=1.0))
     labels = torch.arange(10).repeat_interleave(2)
     model = run.unet2d.module
     expected = sample(lambda x, t: model(x, t, class_labels=labels, return_dict=False)[0], run.schedule,
