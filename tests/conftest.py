@@ -10,6 +10,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one OpenMP thread per worker (2 cores, 2 workers)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
 # A tiny UNet and a short run: every engine test composes the real conf/ tree with these overrides.
 TINY = [
     "model.block_out_channels=[8,16]",
