@@ -15,6 +15,7 @@ from pathlib import Path
 
 from difftrain.components.seeding import seed_for
 from difftrain.data.index import list_images
+from difftrain.engine.run_files import make_writable_folder
 from difftrain.errors import UserError
 
 CLASS_BATCH = 4
@@ -59,10 +60,7 @@ def generate_class_images(entry: dict, missing: list[int], family, accelerator, 
 
     folder = Path(entry["class_data_dir"]).expanduser()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_folder(folder)
     except OSError as exc:
         raise UserError(f"data.class_data_dir '{folder}' needs {len(missing)} more class images but is not writable "
                         f"({exc.strerror}); point it at a writable folder, or fill it with "

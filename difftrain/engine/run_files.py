@@ -27,16 +27,21 @@ def default_run_dir(now: datetime | None = None) -> Path:
     return Path("outputs") / (now or datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
 
 
+def make_writable_folder(folder: Path) -> None:
+    """Creates `folder` and writes (then removes) a probe file in it; raises OSError when it cannot."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
     """Never overwrite a previous run: a folder holding a run (its config.yaml) is only reused to resume."""
     if (run_dir / "config.yaml").exists() and not resuming:
         raise UserError(f"output_dir '{run_dir}' already holds a run; continue it with "
                         f"output_dir={run_dir} resume=latest, or choose a new output_dir")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_folder(run_dir)
     except OSError as exc:
         raise UserError(f"output_dir '{run_dir}' cannot be created or written ({exc.strerror or exc}); choose a "
                         "folder you can write to (output_dir=...) or fix its permissions") from None

@@ -128,17 +128,7 @@ class DeepSpeedStrategy(DDPStrategy):
         """DeepSpeed bf16/fp16 casts the module itself (accelerate's autocast is off under DeepSpeed): cast
         floating inputs with two or more dims (samples, hidden states) to the module's dtype. Timesteps
         (0-d/1-d) keep full precision (bf16 cannot represent 999)."""
-        dtype = self.half_dtype
-        if dtype is None:
-            return
-
-        def cast(x):
-            return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() and x.ndim >= 2 else x
-
-        def hook(_module, args, kwargs):
-            return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-        self.unwrapped.register_forward_pre_hook(hook, with_kwargs=True)
+        cast_half_inputs(self.unwrapped, self.half_dtype)
 
 
 def strategy_for(accelerator, model, optimizer, family) -> DDPStrategy:
@@ -150,3 +140,18 @@ def strategy_for(accelerator, model, optimizer, family) -> DDPStrategy:
         return FSDP2Strategy(accelerator, model, optimizer, family)
     cls = DeepSpeedStrategy if accelerator.distributed_type == DistributedType.DEEPSPEED else DDPStrategy
     return cls(accelerator, model, optimizer, family)
+
+
+def cast_half_inputs(module: torch.nn.Module, dtype: torch.dtype | None) -> None:
+    """A forward pre-hook on `module` that casts floating inputs with two or more dims (samples, hidden states)
+    to `dtype`; timesteps (0-d/1-d) keep full precision (bf16 cannot represent 999). None: nothing."""
+    if dtype is None:
+        return
+
+    def cast(x):
+        return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() and x.ndim >= 2 else x
+
+    def hook(_module, args, kwargs):
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)

@@ -37,6 +37,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin
 
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.distributed import _handlers, _single_process_env, has_accelerator
+from difftrain.engine.strategies import cast_half_inputs
 from difftrain.errors import UserError
 
 FSDP_DIR = "fsdp"  # the torch.distributed.checkpoint folder inside checkpoint-N/
@@ -207,14 +208,4 @@ class FSDP2Strategy:
     def cast_half_inputs(self) -> None:
         """Floating inputs with two or more dims (samples, hidden states) go to the compute dtype; timesteps
         keep full precision (bf16 cannot represent 999)."""
-        dtype = self.half_dtype
-        if dtype is None:
-            return
-
-        def cast(x):
-            return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() and x.ndim >= 2 else x
-
-        def hook(_module, args, kwargs):
-            return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
-
-        self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        cast_half_inputs(self.model, self.half_dtype)
