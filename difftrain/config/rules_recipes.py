@@ -16,19 +16,16 @@ from difftrain.config.schema_data import (
     CaptionedImageDataConfig,
     ImageFolderDataConfig,
     SourcesDataConfig,
+    source_nodes,
 )
 from difftrain.config.schema_t2i import HFDataConfig, PretrainedPipelineConfig
 
 
 def _entries(cfg: dict) -> list[tuple[str, dict]]:
     """(key prefix, effective node) of every source: the data node, or each data.sources entry over it."""
-    data = node_of(cfg, "data")
     if not chosen_is(cfg, "data", CaptionedImageDataConfig):
         return []
-    if not chosen_is(cfg, "data", SourcesDataConfig):
-        return [("data", {**data, "kind": "hf" if chosen_is(cfg, "data", HFDataConfig) else "imagefolder"})]
-    return [(f"data.sources[{i}]", {**data, "kind": "imagefolder", **e})
-            for i, e in enumerate(data.get("sources") or []) if isinstance(e, dict)]
+    return source_nodes(node_of(cfg, "data"))
 
 
 def sources_entries_are_valid(cfg: dict) -> list[str]:

@@ -20,6 +20,15 @@ RUN_WIDE_DATA_KEYS = ("name", "center_crop", "random_flip", "channels", "bucket_
 SOURCE_KINDS = ("imagefolder", "hf")
 
 
+def source_nodes(data: dict) -> list[tuple[str, dict]]:
+    """(key prefix, effective node with its `kind`) of every source of a data node: the node itself, or each
+    mapping entry of data.sources laid over it (the top-level keys are every entry's defaults)."""
+    if "sources" not in data:  # a single source (data=imagefolder|hf|dreambooth|digits)
+        return [("data", {**data, "kind": "hf" if data.get("name") == "hf" else "imagefolder"})]
+    return [(f"data.sources[{i}]", {**data, "kind": "imagefolder", **e})
+            for i, e in enumerate(data["sources"] or []) if isinstance(e, dict)]
+
+
 @dataclass(frozen=True)
 class CaptionedImageDataConfig:
     """Keys shared by the image-and-caption sources (data=imagefolder, data=hf); the text-to-image rules

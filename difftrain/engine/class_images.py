@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from difftrain.components.seeding import seed_for
+from difftrain.config.schema_data import source_nodes
 from difftrain.data.index import list_images
 from difftrain.engine.run_files import make_writable_folder
 from difftrain.errors import UserError
@@ -23,8 +24,7 @@ CLASS_BATCH = 4
 
 def prior_sources(data: dict) -> list[dict]:
     """The data nodes (the data section, or each data.sources entry over it) with prior preservation."""
-    entries = [{**data, **e} for e in data.get("sources") or []] or [data]
-    return [e for e in entries if e.get("with_prior_preservation")]
+    return [node for _, node in source_nodes(data) if node.get("with_prior_preservation")]
 
 
 def missing_class_images(entry: dict) -> list[int]:
