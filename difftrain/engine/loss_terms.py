@@ -27,11 +27,12 @@ class LossTerms:
         """One micro-batch's terms (objective.loss_terms); a batch without class samples is all instance."""
         if not self.active:
             return
+        one = torch.ones((), dtype=torch.float64, device=loss.device)  # summed where the loss is: no sync here
         if "loss_prior" in terms:
-            self.step_sums += torch.tensor([float(terms["loss_instance"]), float(terms["loss_prior"]), 1.0],
-                                           dtype=torch.float64)
+            part = torch.stack([terms["loss_instance"].double(), terms["loss_prior"].double(), one])
         else:
-            self.step_sums[0] += float(loss)
+            part = torch.stack([loss.double(), one * 0, one * 0])
+        self.step_sums = self.step_sums.to(part.device) + part
 
     def end_step(self, accelerator) -> None:
         if not self.active:
