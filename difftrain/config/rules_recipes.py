@@ -16,6 +16,7 @@ from difftrain.config.schema_data import (
     CaptionedImageDataConfig,
     ImageFolderDataConfig,
     SourcesDataConfig,
+    one_image_size,
     source_nodes,
 )
 from difftrain.config.schema_t2i import HFDataConfig, PretrainedPipelineConfig
@@ -98,11 +99,12 @@ def prior_preservation_is_complete(cfg: dict) -> list[str]:
 
 
 def prior_with_cached_latents_needs_one_size(cfg: dict) -> list[str]:
-    """Prior preservation with `data.cache_latents=true` needs one image size: `data.buckets=none` and one `resolution` (class latents are cached at it)."""
+    """Prior preservation with `data.cache_latents=true` needs one image size: `data.buckets=none` and one `resolution` (class latents are cached at it; null caches only then)."""
     entries = _entries(cfg)
-    if not node_of(cfg, "data").get("cache_latents") or not any(n.get("with_prior_preservation") for _, n in entries):
+    if node_of(cfg, "data").get("cache_latents") is not True or not any(n.get("with_prior_preservation")
+                                                                         for _, n in entries):
         return []
-    if any(n.get("buckets", "none") != "none" for _, n in entries) or len({n.get("resolution") for _, n in entries}) > 1:
+    if not one_image_size(node_of(cfg, "data")):
         return ["data.with_prior_preservation with data.cache_latents=true needs one image size (class images "
                 "are cached at it): set data.buckets=none and one resolution, or data.cache_latents=false"]
     return []

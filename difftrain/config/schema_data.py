@@ -29,6 +29,26 @@ def source_nodes(data: dict) -> list[tuple[str, dict]]:
             for i, e in enumerate(data["sources"] or []) if isinstance(e, dict)]
 
 
+def one_image_size(data: dict) -> bool:
+    """Every source trains at one size: no buckets and one resolution."""
+    nodes = [n for _, n in source_nodes(data)]
+    return all(n.get("buckets", "none") == "none" for n in nodes) and len({n.get("resolution") for n in nodes}) <= 1
+
+
+def latents_cached(data: dict) -> bool:
+    """`data.cache_latents` resolved: true/false as given; null (auto) = cached when the crop is the center
+    one (the cache then holds exactly the latents the run would encode, both flips included), unless prior
+    preservation needs several image sizes (class images are cached at one)."""
+    if "cache_latents" not in data:  # data=digits: nothing to cache
+        return False
+    if data["cache_latents"] is not None:
+        return bool(data["cache_latents"])
+    if not data.get("center_crop", True):
+        return False
+    prior = any(n.get("with_prior_preservation") for _, n in source_nodes(data))
+    return not prior or one_image_size(data)
+
+
 @dataclass(frozen=True)
 class CaptionedImageDataConfig:
     """Keys shared by the image-and-caption sources (data=imagefolder, data=hf); the text-to-image rules
@@ -73,8 +93,8 @@ class CaptionedImageDataConfig:
                                      "folder has fewer)", ge=1)
     prior_loss_weight: float = opt(1.0, "weight of the class images' loss (loss = instance + w x prior)", ge=0)
     class_image_steps: int = opt(30, "inference steps of the class-image generation", ge=1)
-    cache_latents: bool = opt(False, "encode every image with the VAE once into on-disk shards (both flips "
-                                     "when random_flip)")
+    cache_latents: bool | None = opt(None, "encode every image with the VAE once into on-disk shards (both "
+                                            "flips when random_flip); null = when the crop is the center one")
     cache_text_embeddings: bool | None = opt(None, "cache prompt embeddings; null = when the text encoders "
                                                    "are frozen")
     cache_dir: str | None = opt(None, "folder of the caches; null = RUN_DIR/cache")

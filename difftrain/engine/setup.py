@@ -49,8 +49,10 @@ def cache_folder(cfg: dict, run_dir: Path) -> Path:
 
 def cache_options(cfg: dict, run_dir: Path) -> CacheOptions:
     """data.cache_* as the families read them (data=digits has none: nothing is cached)."""
+    from difftrain.config.schema_data import latents_cached
+
     data = cfg["data"]
-    return CacheOptions(latents=bool(data.get("cache_latents")), text=data.get("cache_text_embeddings"),
+    return CacheOptions(latents=latents_cached(data), text=data.get("cache_text_embeddings"),
                         folder=cache_folder(cfg, run_dir), prune=not data.get("cache_dir"),
                         batch_size=cfg["trainer"]["batch_size"], num_workers=cfg["trainer"]["num_workers"],
                         key_fields=(("center_crop", data.get("center_crop")),

@@ -73,7 +73,8 @@ def test_v_prediction_min_snr_dream_without_caches(tmp_path, sd15, images):
 
     run = tmp_path / "run"
     run_training(t2i_config(run, "sd15", sd15, images, "scheduler=ddpm_v", "loss_weighting=min_snr", "dream=on",
-                            "data.cache_text_embeddings=false", "ema=none", "trainer.max_steps=2"))
+                            "data.cache_text_embeddings=false", "data.cache_latents=false", "ema=none",
+                            "trainer.max_steps=2"))
     assert not list((run / "cache").glob("latents-*")) and not list((run / "cache").glob("text-*"))
     pipe = DiffusionPipeline.from_pretrained(str(run / "final"))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -85,7 +86,8 @@ def test_cached_and_uncached_runs_agree(tmp_path, sd15, images):
 
     common = ("ema=none", "trainer.max_steps=2", "data.random_flip=true", "data.caption_dropout=0.5")
     run_training(t2i_config(tmp_path / "cached", "sd15", sd15, images, *common, "data.cache_latents=true"))
-    run_training(t2i_config(tmp_path / "plain", "sd15", sd15, images, *common, "data.cache_text_embeddings=false"))
+    run_training(t2i_config(tmp_path / "plain", "sd15", sd15, images, *common, "data.cache_text_embeddings=false",
+                            "data.cache_latents=false"))
     a, b = losses(tmp_path / "cached"), losses(tmp_path / "plain")
     assert [x[0] for x in a] == [x[0] for x in b]
     for (_, la, _, ga), (_, lb, _, gb) in zip(a, b):  # same draws; only VAE/encoder batching differs

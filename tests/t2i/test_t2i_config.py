@@ -44,7 +44,7 @@ def test_text_to_image_options_validate_with_their_yaml(tmp_path, sd15, images):
     assert cfg["lora"] == {"name": "on", "rank": 4, "alpha": None, "dropout": 0.0, "init": "gaussian",
                            "target_modules": None, "train_text_encoder": False,
                            "text_encoder_target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]}
-    assert cfg["data"]["cache_text_embeddings"] is None and cfg["data"]["cache_latents"] is False
+    assert cfg["data"]["cache_text_embeddings"] is None and cfg["data"]["cache_latents"] is None
     cfg = t2i_config(tmp_path, "sd3", sd15, images)  # validation does not open the folder's model_index.json
     assert cfg["model"]["max_sequence_length"] == 77 and cfg["scheduler"]["name"] == "sd3"
     hf = _compose("model=sd15", f"model.pretrained={sd15}", "data=hf", "data.dataset=some/dataset")
@@ -53,6 +53,32 @@ def test_text_to_image_options_validate_with_their_yaml(tmp_path, sd15, images):
     assert sd3["data"]["resolution"] == 1024
     assert sd3["scheduler"]["name"] == "sd3" and sd3["weighting_scheme"]["name"] == "logit_normal"  # model=sd3's
     assert _compose("data=imagefolder", f"data.path={images}")["data"]["resolution"] == 64  # unet2d: unchanged
+
+
+@pytest.mark.parametrize("overrides,cached", [
+    ([], True),                                            # null = auto: center crop (flips are both cached)
+    (["data.random_flip=true"], True),
+    (["data.center_crop=false"], False),                   # a random crop per epoch cannot be cached
+    (["data.center_crop=false", "data.cache_latents=true"], True),  # asked for: one crop per sample
+    (["data.cache_latents=false"], False),
+    (["data=dreambooth", "data.instance_prompt=a sks dog", "data.class_prompt=a dog"], True),
+    (["data=dreambooth", "data.instance_prompt=a sks dog", "data.class_prompt=a dog", "data.buckets=auto"], False),
+])
+def test_cache_latents_null_caches_when_the_crop_is_the_center_one(tmp_path, sd15, images, overrides, cached):
+    from difftrain.config.schema_data import latents_cached
+    from difftrain.engine.setup import cache_options
+
+    data = [f"data.path={images}"] + ([f"data.class_data_dir={tmp_path / 'class'}"]
+                                      if "data=dreambooth" in overrides else [])
+    cfg = t2i_config(tmp_path, "sd15", sd15, None, *(overrides if "data=dreambooth" in overrides
+                                                     else ["data=imagefolder", *overrides]), *data)
+    assert latents_cached(cfg["data"]) is cached and cache_options(cfg, tmp_path).latents is cached
+
+
+def test_cache_latents_null_is_nothing_for_digits():
+    from difftrain.config.schema_data import latents_cached
+
+    assert latents_cached(_compose()["data"]) is False
 
 
 @pytest.mark.parametrize("overrides,expected", [
