@@ -92,11 +92,11 @@ def load_run(run_dir: str):
     """(config, FinishedRun): the run's outputs, loaded by the model family recorded in its config."""
     from functools import partial
 
-    import torch
-
     from difftrain import registry
 
-    root, cfg = read_run_config(run_dir)
+    root, cfg = read_run_config(run_dir)  # first: a wrong folder fails before torch is imported
+    import torch
+
     family = registry.get("model", cfg["model"]["name"]).load()  # a families.protocol.FamilyClass
     device = "cuda" if torch.cuda.is_available() and not cfg["trainer"]["cpu"] else "cpu"
     return cfg, family.load_finished(root, cfg, device, partial(latest_checkpoint_tensors, root))
@@ -140,8 +140,6 @@ def _prompt_request(opts):
 
 def sample_command(args: list[str]) -> int:
     """Write a grid PNG of samples from a finished run (EMA weights)."""
-    from difftrain.engine.evaluation import save_grid
-
     parser = argparse.ArgumentParser(prog="difftrain sample", description=sample_command.__doc__)
     parser.add_argument("run_dir")
     parser.add_argument("--labels", default=None, help="comma-separated class labels, e.g. 0,1,7")
@@ -158,6 +156,8 @@ def sample_command(args: list[str]) -> int:
     _, run = load_run(opts.run_dir)
     request, tag = _prompt_request(opts) if run.conditioning == "prompts" else _label_request(opts, run)
     images, nrow = run.generate(request)
+    from difftrain.engine.evaluation import save_grid  # torch and torchvision: only once there is a grid
+
     out = Path(opts.out) if opts.out else Path(opts.run_dir) / "samples" / f"sample_{tag}.png"
     save_grid(images, out, nrow=nrow, upscale=max(1, 64 // images.shape[-1]))
     print(out)
@@ -166,8 +166,6 @@ def sample_command(args: list[str]) -> int:
 
 def eval_command(args: list[str]) -> int:
     """Digits-classifier accuracy on class-conditional samples of a finished run."""
-    from difftrain.engine.evaluation import digits_accuracy
-
     parser = argparse.ArgumentParser(prog="difftrain eval", description=eval_command.__doc__)
     parser.add_argument("run_dir")
     parser.add_argument("--samples-per-label", type=int, default=None)
@@ -182,6 +180,8 @@ def eval_command(args: list[str]) -> int:
     if run.conditioning != "labels":
         raise UserError("difftrain eval measures digits-classifier accuracy of class-conditional samples: this "
                         "run's model is unconditional (model.num_class_embeds=null)")
+    from difftrain.engine.evaluation import digits_accuracy
+
     e = cfg["eval"]
     result = digits_accuracy(run.generate, cfg["data"]["num_classes"], opts.samples_per_label or e["samples_per_label"],
                              opts.steps or e["inference_steps"], e["seed"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 
@@ -27,29 +29,59 @@ def finished_run(tmp_path_factory):
 
 
 def cli(*args):
+    """`difftrain ARGS` in a fresh process: real exit codes, and what a user's terminal would show."""
     return subprocess.run([sys.executable, "-m", "difftrain", *args], env=cli_env(), capture_output=True,
                           text=True, timeout=180)
 
 
-def test_sample_writes_a_grid_of_the_requested_labels(finished_run):
-    result = cli("sample", str(finished_run), "--labels", "0,1", "--num", "3", "--steps", "2")
+@pytest.fixture
+def main_cli(capsys):
+    """`difftrain ARGS` in this process (`difftrain.cli.main.main`, what `python -m difftrain` calls), as a
+    CompletedProcess: the commands' behaviour without paying for a fresh interpreter's imports each time."""
+    from difftrain.cli.main import main
+
+    def process_state():
+        return os.getcwd(), torch.get_default_dtype(), list(logging.getLogger().handlers)
+
+    def call(*args):
+        capsys.readouterr()
+        before = process_state()
+        code = main([str(a) for a in args])
+        assert process_state() == before, "the command changed process-wide state (cwd, dtype, log handlers)"
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["difftrain", *args], code, out, err)
+
+    return call
+
+
+def test_sample_writes_a_grid_of_the_requested_labels(finished_run, main_cli, tmp_path):
+    result = main_cli("sample", finished_run, "--labels", "0,1", "--num", "3", "--steps", "2")
     assert result.returncode == 0, result.stderr
     out = finished_run / "samples" / "sample_0-1.png"
-    assert out.is_file() and result.stdout.strip().endswith("sample_0-1.png")
+    assert out.is_file() and result.stdout.strip() == str(out)
     with Image.open(out) as im:  # 3 per row, 2 rows of 8x8 upscaled 8x, padding 2
         assert im.size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
+    # --out writes the same grid elsewhere (and says where)
+    again = main_cli("sample", finished_run, "--labels", "0,1", "--num", "3", "--steps", "2", "--out",
+                     tmp_path / "grid.png")
+    assert again.returncode == 0 and again.stdout.strip() == str(tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes() == out.read_bytes()
 
 
-def test_sample_is_deterministic_for_a_seed(finished_run, tmp_path):
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    for path in (a, b):
-        assert cli("sample", str(finished_run), "--labels", "1", "--num", "2", "--steps", "2", "--out",
-                   str(path)).returncode == 0
-    assert a.read_bytes() == b.read_bytes()
+def test_sample_is_deterministic_for_a_seed(finished_run, main_cli, tmp_path):
+    """The same seed gives the same bytes twice in one process (so no draw comes from a global RNG, whose
+    state the first call moved on) and in a fresh `python -m difftrain` process; another seed, another grid."""
+    args = ["sample", finished_run, "--labels", "1", "--num", "2", "--steps", "2", "--out"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert main_cli(*args, tmp_path / f"{name}.png", "--seed", seed).returncode == 0
+    fresh = cli(*map(str, args), str(tmp_path / "fresh.png"), "--seed", "0")  # the one real sample subprocess
+    assert fresh.returncode == 0 and fresh.stdout.strip() == str(tmp_path / "fresh.png"), fresh.stderr
+    a, b, c, d = ((tmp_path / f"{name}.png").read_bytes() for name in ("a", "b", "c", "fresh"))
+    assert a == b == d and a != c
 
 
-def test_eval_reports_accuracy(finished_run):
-    result = cli("eval", str(finished_run), "--samples-per-label", "2", "--steps", "2")
+def test_eval_reports_accuracy(finished_run, main_cli):
+    result = main_cli("eval", finished_run, "--samples-per-label", "2", "--steps", "2")
     assert result.returncode == 0, result.stderr
     assert "digits accuracy:" in result.stdout
     data = json.loads((finished_run / "eval.json").read_text())
@@ -65,17 +97,23 @@ def test_commands_on_missing_runs_fail_clearly(args, expected):
     assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sample_rejects_out_of_range_labels(finished_run):
-    result = cli("sample", str(finished_run), "--labels", "0,42")
-    assert result.returncode == 2 and "must lie in [0, 10)" in result.stderr
+@pytest.mark.parametrize("args,expected", [
+    (["--labels", "0,42"], "--labels [0, 42] must lie in [0, 10) for this model"),
+    (["--labels", "0,x"], "--labels '0,x' must be comma-separated integers, e.g. 0,1,7"),
+    (["--prompt", "a dog"], "--prompt is for text-to-image runs (model=sd15 or sd3); this run takes --labels"),
+    (["--num", "0"], "--num and --steps must be positive integers"),
+])
+def test_sample_rejects_arguments_the_run_cannot_take(finished_run, main_cli, args, expected):
+    def grids():
+        return sorted(p.name for p in (finished_run / "samples").glob("*.png"))
+
+    before = grids()
+    result = main_cli("sample", finished_run, *args)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {expected}\n")
+    assert grids() == before  # nothing written
 
 
-def test_sample_rejects_prompts_on_a_label_run(finished_run):
-    result = cli("sample", str(finished_run), "--prompt", "a dog")
-    assert result.returncode == 2 and "--prompt is for text-to-image runs" in result.stderr
-
-
-def test_sample_from_the_latest_checkpoint_when_final_is_missing(finished_run, tmp_path):
+def test_sample_from_the_latest_checkpoint_when_final_is_missing(finished_run, main_cli, tmp_path):
     """Without final/, the family builds the model from config.yaml and loads the latest checkpoint's
     weights with the EMA weights over them; the grid equals the one from final/unet (the EMA weights)."""
     import shutil
@@ -84,11 +122,11 @@ def test_sample_from_the_latest_checkpoint_when_final_is_missing(finished_run, t
     shutil.copytree(finished_run, run)
     shutil.rmtree(run / "final")
     for source, out in ((finished_run, tmp_path / "final.png"), (run, tmp_path / "ckpt.png")):
-        result = cli("sample", str(source), "--labels", "3", "--num", "2", "--steps", "2", "--out", str(out))
+        result = main_cli("sample", source, "--labels", "3", "--num", "2", "--steps", "2", "--out", out)
         assert result.returncode == 0, result.stderr
     assert (tmp_path / "final.png").read_bytes() == (tmp_path / "ckpt.png").read_bytes()
     shutil.rmtree(run / "checkpoints")
-    result = cli("sample", str(run))
+    result = main_cli("sample", run)
     assert result.returncode == 2 and "neither final outputs nor a complete checkpoint" in result.stderr
 
 
