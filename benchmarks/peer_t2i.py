@@ -9,7 +9,8 @@ constant, no validation or checkpoints, DataLoader workers 0 (both tools' defaul
   diffusers  examples/text_to_image/train_text_to_image.py (full) and train_text_to_image_lora.py (LoRA r4),
              fetched into --scripts (default: a scratch folder beside the output) from the tag of the installed
              diffusers, never committed; pass --scripts DIR holding the two files where there is no network;
-  difftrain  `difftrain train` with its default caches, with every cache off, and with latents cached.
+  difftrain  `difftrain train` with its default caches (latents and prompt embeddings, built before step 1),
+             with every cache off, and with the caches a previous run left in a shared `data.cache_dir`.
 
 Every run is a child process whose optimizer steps are stamped by a global `register_optimizer_step_post_hook`
 (the same hook in both tools): start-up = launch to the end of the first optimizer step, s/step = the median
@@ -141,7 +142,7 @@ def commands(kind: str, tool: str, pipe: Path, data: Path, scripts: Path, out: P
                 "--mixed_precision=no", "--report_to=tensorboard"]
         return args + ([f"--rank={RANK}"] if kind == "lora" else [])
     caches = {"default": [], "no caches": ["data.cache_latents=false", "data.cache_text_embeddings=false"],
-              "latents cached": ["data.cache_latents=true"]}[tool.removeprefix("difftrain ")]
+              "reused caches": [f"data.cache_dir={out.parents[2] / 'shared_cache'}"]}[tool.removeprefix("difftrain ")]
     return ["difftrain", "train", "model=sd15", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={data}",
             f"data.resolution={RESOLUTION}", "data.center_crop=true", "data.random_flip=true",
             f"trainer.batch_size={BATCH}", f"trainer.max_steps={steps}", f"optimizer.lr={LR}",
@@ -188,7 +189,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--kinds", default="full,lora")
-    ap.add_argument("--tools", default="diffusers,difftrain default,difftrain no caches,difftrain latents cached")
+    ap.add_argument("--tools", default="diffusers,difftrain default,difftrain no caches,difftrain reused caches")
     ap.add_argument("--scripts", type=Path, default=None, help="folder with diffusers' two scripts")
     ap.add_argument("--work", type=Path, default=Path("/tmp/difftrain_peer_t2i"))
     ap.add_argument("--out", type=Path, default=Path("peer_t2i.json"))
@@ -204,6 +205,12 @@ def main() -> None:
     scripts = fetch_scripts(args.scripts or work / "diffusers_scripts")
     kinds, tools = args.kinds.split(","), args.tools.split(",")
     results: dict[str, dict[str, list[dict]]] = {k: {t: [] for t in tools} for k in kinds}
+    shutil.rmtree(work / "shared_cache", ignore_errors=True)
+    for kind in kinds:  # "reused caches": a previous run on the same data filled data.cache_dir (not timed)
+        if "difftrain reused caches" in tools:
+            scratch = work / "runs" / f"{kind}-fill-shared-cache"
+            scratch.mkdir(parents=True)
+            run_once(commands(kind, "difftrain reused caches", pipe, data, scripts, scratch / "out", 2), scratch, 0)
     for repeat in range(args.repeats):
         for kind in kinds:
             order = tools if repeat % 2 == 0 else tools[::-1]
