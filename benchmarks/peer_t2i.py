@@ -15,8 +15,8 @@ constant, no validation or checkpoints, DataLoader workers 0 (both tools' defaul
 Every run is a child process whose optimizer steps are stamped by a global `register_optimizer_step_post_hook`
 (the same hook in both tools): start-up = launch to the end of the first optimizer step, s/step = the median
 interval between steps after the first `--warmup`. Runs are interleaved (the order alternates per repeat); a run
-during which other processes used more than 10 % of the machine (from /proc/stat minus the run's own CPU time)
-is discarded and run again (up to 3 times). Medians over repeats; ratios are difftrain / diffusers.
+during which other processes (or other guests of the VM: steal time) used more than 10 % of the machine (from
+/proc/stat minus the run's own CPU time) is discarded and run again (up to 3 times). Medians over repeats; ratios are difftrain / diffusers.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ RESOLUTION, BATCH, LR, RANK = 128, 4, 1e-4, 4
 # ---- the child: stamp every optimizer step, then run the tool in this process ----------------------------
 def child(stamps: Path, argv: list[str]) -> None:
     import atexit
-
-    import torch
 
     times: list[float] = []
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -151,9 +149,12 @@ def commands(kind: str, tool: str, pipe: Path, data: Path, scripts: Path, out: P
             f"output_dir={out}", *caches]
 
 
-def busy_jiffies() -> tuple[int, int]:
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, steal) of the whole machine: busy excludes idle, iowait and steal (time the hypervisor gave
+    other guests, which slows every process here without showing as a process)."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields) - fields[3] - fields[4], sum(fields)  # (busy, total): idle and iowait are not busy
+    steal = fields[7] if len(fields) > 7 else 0
+    return sum(fields[:7]) - fields[3] - fields[4], steal
 
 
 def run_once(argv: list[str], scratch: Path, warmup: int) -> dict | None:
@@ -162,18 +163,19 @@ def run_once(argv: list[str], scratch: Path, warmup: int) -> dict | None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(scratch.parent / "hf_datasets_cache"), "TQDM_DISABLE": "1"}
     before_self = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy0, total0 = busy_jiffies()
+    busy0, steal0 = cpu_jiffies()
     start = time.time()
     proc = subprocess.run([sys.executable, __file__, "--child", str(stamps), "--", *argv], env=env,
                           capture_output=True, text=True)
     wall = time.time() - start
-    busy1, total1 = busy_jiffies()
+    busy1, steal1 = cpu_jiffies()
     after_self = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"run failed ({proc.returncode}): {' '.join(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     own = (after_self.ru_utime + after_self.ru_stime) - (before_self.ru_utime + before_self.ru_stime)
     tick = os.sysconf("SC_CLK_TCK")
-    other = max(0.0, (busy1 - busy0) / tick - own) / (wall * (os.cpu_count() or 1))
+    cores = os.cpu_count() or 1
+    other = (max(0.0, (busy1 - busy0) / tick - own) + (steal1 - steal0) / tick) / (wall * cores)
     times = json.loads(stamps.read_text())
     intervals = [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
     return {"startup_s": times[0] - start, "s_per_step": statistics.median(intervals), "wall_s": wall,
@@ -223,7 +225,7 @@ def main() -> None:
                     got = run_once(argv, scratch, args.warmup)
                     if got["other_load"] <= 0.10:
                         break
-                    print(f"  discarded ({got['other_load']:.0%} of the machine used by other processes)")
+                    print(f"  discarded ({got['other_load']:.0%} of the machine used by other processes or steal)")
                 results[kind][tool].append(got)
                 print(f"[{repeat}] {kind:4s} {tool:26s} start-up {got['startup_s']:6.2f} s  "
                       f"{got['s_per_step']:.3f} s/step  wall {got['wall_s']:6.1f} s  other {got['other_load']:.0%}",

@@ -15,14 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from difftrain.config.rule_helpers import changed_keys, chosen_is, node_of, warmup_steps
+from difftrain.config.rule_helpers import chosen_is, node_of, warmup_steps
 from difftrain.config.rules_distributed import (
+    deepspeed_not_with_adamw8bit,
+    deepspeed_not_with_forced_cpu,
+    deepspeed_option_matches_zero_stage,
     fsdp2_not_with_adamw8bit,
     fsdp2_not_with_compile,
     fsdp2_not_with_forced_cpu,
     fsdp2_not_with_posthoc_ema,
     fsdp2_not_with_quantized_base,
     fsdp2_trains_only_the_denoiser,
+    nvme_offload_needs_a_path,
+    offload_param_needs_zero3,
+    zero_stage_keys_apply,
 )
 from difftrain.config.rules_recipes import (
     masks_from_files_need_an_image_folder,
@@ -63,7 +69,6 @@ from difftrain.config.schema import (
     LRSchedulerConfig,
     UNet2DConfig,
 )
-from difftrain.config.schema_distributed import DeepSpeedConfig
 
 Rule = Callable[[dict], list[str]]
 
@@ -271,68 +276,6 @@ def constant_lr_has_no_warmup(cfg: dict) -> list[str]:
     if lr.get("name") == "constant" and lr.get("warmup_steps", 0) != 0:
         return [f"lr_scheduler=constant ignores lr_scheduler.warmup_steps ({lr['warmup_steps']}): use "
                 f"lr_scheduler=constant_with_warmup lr_scheduler.warmup_steps={lr['warmup_steps']}"]
-    return []
-
-
-# ---- distributed ----------------------------------------------------------------------------------
-def deepspeed_option_matches_zero_stage(cfg: dict) -> list[str]:
-    """`distributed=deepspeed_zero3` is ZeRO-3 and `deepspeed_zero2` ZeRO-1/2: `distributed.zero_stage` agrees."""
-    ds = node_of(cfg, "distributed")
-    name, stage = ds.get("name"), ds.get("zero_stage")
-    if name == "deepspeed_zero3" and stage != 3:
-        return [f"distributed=deepspeed_zero3 is the ZeRO-3 preset, but distributed.zero_stage={stage}: use "
-                f"distributed=deepspeed_zero2 distributed.zero_stage={stage}"]
-    if name == "deepspeed_zero2" and stage == 3:
-        return ["distributed=deepspeed_zero2 with distributed.zero_stage=3: use distributed=deepspeed_zero3, the "
-                "ZeRO-3 preset"]
-    return []
-
-
-def offload_param_needs_zero3(cfg: dict) -> list[str]:
-    """`distributed.offload_param` needs ZeRO-3."""
-    if not chosen_is(cfg, "distributed", DeepSpeedConfig):
-        return []
-    ds = cfg["distributed"]
-    if ds["offload_param"] != "none" and ds["zero_stage"] != 3:
-        return [f"distributed.offload_param={ds['offload_param']} needs ZeRO-3 "
-                f"(distributed.zero_stage={ds['zero_stage']}); use distributed=deepspeed_zero3"]
-    return []
-
-
-def nvme_offload_needs_a_path(cfg: dict) -> list[str]:
-    """nvme offload needs `distributed.nvme_path`."""
-    if not chosen_is(cfg, "distributed", DeepSpeedConfig):
-        return []
-    ds = cfg["distributed"]
-    if "nvme" in (ds["offload_param"], ds["offload_optimizer"]) and not ds["nvme_path"]:
-        return ["nvme offload needs distributed.nvme_path=/path/on/a/local/nvme/disk"]
-    return []
-
-
-def zero_stage_keys_apply(cfg: dict) -> list[str]:
-    """`distributed.stage3_*` keys need ZeRO-3 and `distributed.allgather_bucket_size` ZeRO-1/2 (else they stay at their defaults)."""
-    if not chosen_is(cfg, "distributed", DeepSpeedConfig):
-        return []
-    stage = cfg["distributed"]["zero_stage"]
-    unused = (("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold") if stage != 3
-              else ("allgather_bucket_size",))
-    needs = "ZeRO-3 (distributed=deepspeed_zero3)" if stage != 3 else "ZeRO-1/2 (distributed=deepspeed_zero2)"
-    return [f"distributed.{key}={value} has no effect with distributed.zero_stage={stage}: it applies to {needs}; "
-            f"remove it" for key, value in changed_keys(cfg, "distributed", unused)]
-
-
-def deepspeed_not_with_forced_cpu(cfg: dict) -> list[str]:
-    """DeepSpeed cannot be combined with `trainer.cpu=true`."""
-    if chosen_is(cfg, "distributed", DeepSpeedConfig) and node_of(cfg, "trainer").get("cpu"):
-        return ["trainer.cpu=true cannot be combined with DeepSpeed (accelerate runs DeepSpeed on the accelerator); "
-                "on a machine without GPUs leave trainer.cpu=false: DeepSpeed picks its CPU accelerator itself"]
-    return []
-
-
-def deepspeed_not_with_adamw8bit(cfg: dict) -> list[str]:
-    """DeepSpeed cannot be combined with `optimizer=adamw8bit`."""
-    if chosen_is(cfg, "distributed", DeepSpeedConfig) and node_of(cfg, "optimizer").get("name") == "adamw8bit":
-        return ["optimizer=adamw8bit is not supported under DeepSpeed; use optimizer=adamw"]
     return []
 
 

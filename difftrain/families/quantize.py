@@ -13,6 +13,13 @@ Every `nn.Linear` of the denoiser is quantised except the modules the model keep
 freeze -> cast the base -> quantise -> add adapters (peft wraps the quantised layers: `Linear4bit`,
 `TorchaoLoraLinear`) -> adapters to fp32. Only adapter weights are trained, checkpointed and exported, so the
 LoRA files have the same keys as an unquantised run's (tests/t2i/test_quantize.py).
+
+Autocast (trainer.mixed_precision=bf16): torchao runs `F.linear` of its weight tensors in `__torch_function__`,
+above autocast, and returns the activation's dtype, so a quantised layer fed fp32 (the noisy latents and the
+UNet's time embedding are fp32) answered fp32 where an autocast `nn.Linear` answers bf16; a UNet then added
+that fp32 time embedding to its bf16 conv output and handed fp32 activations to a bf16 GroupNorm, which CPU
+autocast leaves alone ("mixed dtype (CPU)"). Each torchao-quantised layer therefore casts its floating input
+to the autocast dtype first (`_autocast_input`), as autocast does for an unquantised `nn.Linear`.
 """
 
 from __future__ import annotations
@@ -90,10 +97,30 @@ def _quantize_torchao(model: torch.nn.Module, kind: str, device: torch.device) -
     else:
         from torchao.quantization import Float8WeightOnlyConfig as Config
     accept = quantizable(model, kind)
-    count = sum(1 for name, m in model.named_modules() if accept(m, name))
     model.to(device)
     quantize_(model, Config(), filter_fn=accept)
-    return count
+    quantized = [m for m in model.modules() if _torchao_weight(m)]
+    for linear in quantized:  # peft keeps these modules as its layers' base_layer: the hook stays with them
+        linear.register_forward_pre_hook(_autocast_input)
+    return len(quantized)
+
+
+def _torchao_weight(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and type(weight).__module__.startswith("torchao")
+
+
+def _autocast_input(module: torch.nn.Module, args: tuple):
+    """Forward pre-hook of a torchao-quantised Linear: under autocast, its input in the autocast dtype (what
+    autocast does for an nn.Linear; torchao's linear runs above autocast and keeps the input's dtype)."""
+    x = args[0] if args else None
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        return None
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if x.dtype == dtype else (x.to(dtype), *args[1:])
 
 
 def quantize_frozen_base(model: torch.nn.Module, kind: str, device: torch.device, compute_dtype: torch.dtype) -> int:

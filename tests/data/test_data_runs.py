@@ -214,12 +214,12 @@ def test_sigkill_with_buckets_and_workers_then_resume_is_exact(tmp_path):
             "trainer.num_workers=2", "trainer.checkpoints_total_limit=3"]
 
     def cli(*extra):
-        return subprocess.Popen([sys.executable, "-m", "difftrain", "train", *args, *extra], env=cli_env(),
+        # one OpenMP thread: the reference and the victim run side by side on a 2-core machine
+        return subprocess.Popen([sys.executable, "-m", "difftrain", "train", *args, *extra],
+                                env={**cli_env(), "OMP_NUM_THREADS": "1"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    ref = cli(f"output_dir={tmp_path / 'ref'}")
-    out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, out
+    ref = cli(f"output_dir={tmp_path / 'ref'}")  # the uninterrupted run, beside the victim
     victim = cli(f"output_dir={tmp_path / 'run'}")
     deadline = time.time() + 240
     while not (tmp_path / "run" / "checkpoints" / "checkpoint-6").exists():
@@ -227,6 +227,8 @@ def test_sigkill_with_buckets_and_workers_then_resume_is_exact(tmp_path):
         time.sleep(0.01)
     os.kill(victim.pid, signal.SIGKILL)  # the DataLoader workers die with their parent
     victim.wait()
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
     resumed = cli(f"output_dir={tmp_path / 'run'}", "resume=latest")
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out

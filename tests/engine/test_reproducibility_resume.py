@@ -159,7 +159,9 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, monkeypatch):
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "difftrain", "train", *args], env=cli_env(),
+    # one OpenMP thread: the reference and the victim run side by side on a 2-core machine
+    return subprocess.Popen([sys.executable, "-m", "difftrain", "train", *args],
+                            env={**cli_env(), "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -168,9 +170,7 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
     """A real process killed with SIGKILL after checkpoint 4 (mid-step or mid-save), then resumed."""
     args = [*TINY, *EXTRA, "trainer.max_steps=40", "trainer.checkpoint_every=4",
             "trainer.checkpoints_total_limit=3"]
-    ref = _cli(*args, f"output_dir={tmp_path / 'ref'}")
-    out, _ = ref.communicate(timeout=300)
-    assert ref.returncode == 0, out
+    ref = _cli(*args, f"output_dir={tmp_path / 'ref'}")  # the uninterrupted run, beside the victim
     victim = _cli(*args, f"output_dir={tmp_path / 'run'}")
     deadline = time.time() + 240
     while not (tmp_path / "run" / "checkpoints" / "checkpoint-8").exists():
@@ -178,6 +178,8 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
         time.sleep(0.01)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out
     killed_at = max(s for s, _ in ckpt.complete_checkpoints(tmp_path / "run" / "checkpoints"))
     assert killed_at < 40
     resumed = _cli(*args, f"output_dir={tmp_path / 'run'}", "resume=latest")

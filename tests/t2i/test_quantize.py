@@ -84,6 +84,62 @@ def test_int8_base_holds_quantised_weights_and_fp32_adapters(sd15, images, tmp_p
     reset_accelerate_state()
 
 
+def test_torchao_linear_takes_the_autocast_dtype():
+    """torchao's linear runs above autocast and keeps its input's dtype; the hook gives a quantised Linear the
+    autocast dtype, as autocast gives an nn.Linear (and leaves it alone outside autocast)."""
+    from difftrain.families.quantize import quantize_frozen_base
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).to(torch.bfloat16).requires_grad_(False)
+    reference = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    assert quantize_frozen_base(model, "int8", torch.device("cpu"), torch.bfloat16) == 1
+    x = torch.randn(2, 16)
+    assert model(x.bfloat16()).dtype == torch.bfloat16 and model(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert reference(x).dtype == torch.bfloat16
+        assert model(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_int8_base_trains_with_bf16_autocast(family, images, tmp_path, tmp_path_factory, monkeypatch):
+    """int8 + trainer.mixed_precision=bf16 on CPU: the UNets used to meet fp32 time embeddings from the quantised
+    Linears in a bf16 GroupNorm ("mixed dtype (CPU)"). Now: finite losses, fp32 adapters, torchao base weights."""
+    import difftrain.engine.setup as setup
+    from difftrain.engine.distributed import reset_accelerate_state
+    from difftrain.engine.run import run_training
+    from difftrain.families.quantize import quantized_layers
+
+    built, original = {}, setup.build_run
+
+    def build_run(*args, **kwargs):  # keep the run's parts to look at the trained module
+        built["parts"] = original(*args, **kwargs)
+        return built["parts"]
+
+    monkeypatch.setattr(setup, "build_run", build_run)
+    run = tmp_path / "run"
+    extra = ("lora=on", "lora.rank=2", "model.quantize_base=int8", "trainer.mixed_precision=bf16",
+             "trainer.max_steps=2")
+    if family == "sdxl":
+        from tiny_sdxl import build_sdxl, sdxl_config, write_two_shapes
+
+        cfg = sdxl_config(run, build_sdxl(tmp_path / "sdxl"), write_two_shapes(tmp_path / "photos"), *extra)
+    else:
+        cfg = t2i_config(run, family, pipeline_dir(family, tmp_path_factory.mktemp("pipes")), images, *extra)
+    try:
+        run_training(cfg)
+    finally:
+        reset_accelerate_state()
+    values = [row[1] for row in losses(run)]
+    assert len(values) == 2 and all(torch.isfinite(torch.tensor(values)))
+    module = built["parts"].family.module
+    trainable = [p for n, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    base = [m.base_layer for m in module.denoiser.modules() if type(m).__name__ == "TorchaoLoraLinear"]
+    assert base and all(type(m.weight).__module__.startswith("torchao") for m in base)
+    assert quantized_layers(module.denoiser) >= len(base)
+    assert all(v.dtype == torch.float32 for v in lora_file(run)[0].values())
+
+
 def _cli(*argv: str) -> tuple[int, str]:
     from difftrain.cli.main import main
     from difftrain.engine.distributed import reset_accelerate_state
