@@ -238,4 +238,20 @@ def test_channels_last_tf32_and_fused_adamw_settings():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert build_optimizer(AdamWConfig(), params, device="cuda").defaults["fused"] is True
-    assert not build_optimizer(AdamWConfig(), params, device="cpu").defaults.get("fused")
+    assert build_optimizer(AdamWConfig(), params, device="cpu").defaults["fused"] is True
+    assert not build_optimizer(AdamWConfig(), params, device="mps").defaults.get("fused")
+    # the fused CPU kernel is the same AdamW: 5 steps agree with torch's per-tensor loop to float rounding
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 33, generator=g), torch.randn(7, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(5)]
+    weights = {}
+    for fused in (True, False):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = build_optimizer(AdamWConfig(lr=1e-2, weight_decay=0.1), ps, device="cpu" if fused else None)
+        for step in grads:
+            for p, grad in zip(ps, step):
+                p.grad = grad.clone()
+            opt.step()
+        weights[fused] = ps
+    for a, b in zip(weights[True], weights[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
