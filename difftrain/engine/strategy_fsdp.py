@@ -4,7 +4,8 @@
   root unit holds what is left: stems, embeddings, the output head). The block classes are taken from the model
   at `accelerator.prepare` (`block_class_names`): the classes of the entries of `down_blocks`, `up_blocks` and
   of `mid_block` (UNets), of `transformer_blocks` and `single_transformer_blocks` (SD3, FLUX.1), and diffusers'
-  own `_repeated_blocks`. A model with none of these is one unit (sharded, but gathered whole for its forward).
+  own `_repeated_blocks`, read from the denoiser (the model itself, or the `denoiser` of the text-to-image
+  families' T2IModule). A model with none of these is one unit (sharded, but gathered whole for its forward).
 * **Precision.** `trainer.mixed_precision=bf16|fp16`: parameters are gathered in that dtype for compute and
   gradients reduced in fp32 (`MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)`); the shards, the
   optimizer and every saved weight stay fp32. Floating inputs of two or more dimensions are cast to the compute
@@ -19,8 +20,10 @@
   (DTensor `full_tensor()`) in groups of at most 256 MiB for each step.
 * **eval_copy()** (validation, evaluation, export) is a plain module of the model's own class on rank 0, made
   once, into which the full weights are gathered (`get_model_state_dict(full_state_dict=True)`, collective);
-  it costs one unsharded model on rank 0, as under ZeRO-3. LoRA adapters are added to it from the model's
-  `peft_config`, so exports are plain diffusers files (no DTensor, no wrapper prefixes).
+  it costs one unsharded model on rank 0, as under ZeRO-3. Diffusers models in it are made `from_config`
+  with the LoRA adapters of their `peft_config`; a container around them (the T2IModule of families/t2i.py)
+  is a fresh instance of its class with the same plain attributes and rebuilt children (`_plain_module`), so
+  exports are plain diffusers files (no DTensor, no wrapper prefixes).
 * **CPU.** accelerate only turns its FSDP plugin on for accelerator devices; on a machine without one (gloo),
   difftrain sets accelerate's state to FSDP itself after the Accelerator is built (`_after_init`), which is
   what accelerate does on GPUs. torch's FSDP2 runs on CPU tensors with gloo.
@@ -44,8 +47,15 @@ FSDP_DIR = "fsdp"  # the torch.distributed.checkpoint folder inside checkpoint-N
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 
 
+def _denoiser(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose blocks become units: the `denoiser` a T2IModule wraps (families/t2i.py), or the model."""
+    inner = getattr(model, "denoiser", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def block_class_names(model: torch.nn.Module) -> list[str]:
     """The class names that get their own `fully_shard` unit (module docstring), in first-seen order."""
+    model = _denoiser(model)
     names = [type(child).__name__ for attr in BLOCK_LISTS for child in (getattr(model, attr, None) or ())]
     mid = getattr(model, "mid_block", None)
     if isinstance(mid, torch.nn.Module):
@@ -193,14 +203,7 @@ class FSDP2Strategy:
         return self._plain_copy.to(self.accelerator.device)
 
     def _plain_module(self) -> torch.nn.Module:
-        module = self.model
-        cls = _original_class(module)
-        if not hasattr(cls, "from_config"):
-            raise UserError("validation and export under distributed=fsdp2 need a diffusers model (with "
-                            f"from_config); {cls.__name__} has none")
-        plain = cls.from_config(module.config)
-        for adapter, config in (getattr(module, "peft_config", None) or {}).items():  # LoRA: the same adapters
-            plain.add_adapter(config, adapter_name=adapter)
+        plain = _plain_module(self.model)
         for name, p in plain.named_parameters():
             p.requires_grad_(name not in self.frozen)  # family.checkpoint_tensors keeps the trainable ones
         return plain.eval()
@@ -209,3 +212,26 @@ class FSDP2Strategy:
         """Floating inputs with two or more dims (samples, hidden states) go to the compute dtype; timesteps
         keep full precision (bf16 cannot represent 999)."""
         cast_half_inputs(self.model, self.half_dtype)
+
+
+def _plain_module(module: torch.nn.Module) -> torch.nn.Module:
+    """An unsharded module of `module`'s own class and structure, with fresh (not yet loaded) weights: a
+    diffusers model from its config, plus the LoRA adapters of its `peft_config`; a container without weights
+    of its own (the T2IModule of families/t2i.py) as a new instance holding the same plain attributes (the
+    family's functions, flags) and the plain copies of its children, without FSDP's hooks and state."""
+    cls = _original_class(module)
+    if hasattr(cls, "from_config"):
+        plain = cls.from_config(module.config)
+        for adapter, config in (getattr(module, "peft_config", None) or {}).items():  # LoRA: the same adapters
+            plain.add_adapter(config, adapter_name=adapter)
+        return plain
+    own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]  # not rebuilt here
+    if own or not any(True for _ in module.children()):
+        raise UserError("validation and export under distributed=fsdp2 need a diffusers model (with "
+                        f"from_config) or a container of them; {cls.__name__} is neither")
+    plain = cls.__new__(cls)
+    torch.nn.Module.__init__(plain)
+    plain.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"})
+    for name, child in module.named_children():
+        setattr(plain, name, _plain_module(child))
+    return plain

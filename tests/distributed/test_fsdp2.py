@@ -6,6 +6,9 @@ on this config (tiny UNet, 2 x batch 4, 6 steps, clipping at 1.0, EMA on): every
 within 1.2e-7 relative, final weights within 4e-5 absolute (Adam amplifies the last-bit differences of the
 clipping factor). The test allows 1e-5 relative on losses and grad norms and 1e-3 absolute on weights.
 Resume is exact: every logged number and every weight equal the uninterrupted fsdp2 run.
+The text-to-image case (tiny SD1.5, lora=on, 2 x batch 2, 4 steps, EMA on) measured every loss bitwise equal,
+grad_norm within 2.6e-7 relative and the LoRA files within 3e-8 absolute; it allows 1e-5 relative and 1e-4
+absolute (one step moves a weight by up to the learning rate, 2e-3).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_helpers import TWO, TWO_PROC, killed_after, launch, train_rows
+from dist_helpers import REPO, TINY, TWO, TWO_PROC, killed_after, launch, train_rows
 from safetensors.torch import load_file
 
 from difftrain.engine import checkpoint as ckpt
@@ -109,6 +112,55 @@ def test_fsdp2_checkpoint_cannot_be_resumed_with_ddp(fsdp2_run, tmp_path):
     part = killed_after(fsdp2_run, tmp_path / "part", keep_step=3)
     with pytest.raises(UserError, match="distributed.name: 'fsdp2' -> 'ddp'"):
         run_training(tiny_config(part, *TWO, *STEPS, "resume=latest"))
+
+
+def _unordered(meta: dict) -> dict:
+    """LoRA adapter metadata with its lists sorted (peft keeps target_modules as a set: hash order)."""
+    return {k: sorted(v) if isinstance(v, list) else v for k, v in meta.items()}
+
+
+def test_sd15_lora_matches_ddp_and_loads_with_load_lora_weights(tmp_path):
+    """model=sd15 lora=on: the trained module is the family's T2IModule, whose `denoiser` gives the block units
+    and whose eval copy is rebuilt around a plain UNet with the same adapters. The same losses as DDP, the same
+    LoRA files, and final/ loads with diffusers' load_lora_weights (no validation, no checkpoint: cheap)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "t2i"))
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from tiny_pipes import build_sd15, lora_file, write_images
+
+    pipe, images = build_sd15(tmp_path / "sd15"), write_images(tmp_path / "images", n=8, size=(32, 32))
+    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    args = [*base, "model=sd15", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={images}",
+            "data.resolution=32", "lora=on", "trainer.batch_size=2", "trainer.max_steps=4",
+            "trainer.checkpoint_every=0", "trainer.validate_every=0"]
+    fsdp, ddp = tmp_path / "fsdp2", tmp_path / "ddp"
+    launch("accelerate", [*args, "distributed=fsdp2", f"output_dir={fsdp}"])
+    launch("torchrun", [*args, f"output_dir={ddp}"])
+    rows_f, rows_d = train_rows(fsdp), train_rows(ddp)
+    assert [r["step"] for r in rows_f] == [1, 2, 3, 4] and [r["global_batch"] for r in rows_f] == [4] * 4
+    assert [r["lr"] for r in rows_f] == [r["lr"] for r in rows_d]
+    for a, b in zip(rows_f, rows_d):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL)
+    (tensors, meta), (ddp_tensors, ddp_meta) = lora_file(fsdp), lora_file(ddp)
+    assert tensors.keys() == ddp_tensors.keys()
+    assert _unordered(meta) == _unordered(ddp_meta)
+    for sub in ("pytorch_lora_weights.safetensors", "raw/pytorch_lora_weights.safetensors"):  # EMA and raw
+        wf, wd = load_file(str(fsdp / "final" / sub)), load_file(str(ddp / "final" / sub))
+        assert wf.keys() == wd.keys()
+        worst = max(float((wf[k] - wd[k]).abs().max()) for k in wf)
+        print(f"final/{sub}: largest |fsdp2 - ddp| = {worst:.2e}")
+        assert worst <= 1e-4
+    assert any(v.abs().sum() > 0 for k, v in tensors.items() if ".up." in k)  # B starts at zero: trained
+    loaded_pipe = StableDiffusionPipeline.from_pretrained(str(pipe))
+    loaded_pipe.load_lora_weights(str(fsdp / "final"))
+    (adapter,) = loaded_pipe.unet.peft_config
+    loaded = convert_state_dict_to_diffusers(get_peft_model_state_dict(loaded_pipe.unet, adapter_name=adapter))
+    assert {f"unet.{k}" for k in loaded} == set(tensors)
+    assert all(torch.equal(v, tensors[f"unet.{k}"]) for k, v in loaded.items())
 
 
 def test_ema_of_sharded_parameters(tmp_path):
