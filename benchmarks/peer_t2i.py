@@ -218,7 +218,7 @@ def main() -> None:
             order = tools if repeat % 2 == 0 else tools[::-1]
             for tool in order:
                 scratch = work / "runs" / f"{kind}-{tool.replace(' ', '_')}-{repeat}"
-                for attempt in range(3):
+                for _attempt in range(3):
                     shutil.rmtree(scratch, ignore_errors=True)
                     scratch.mkdir(parents=True)
                     argv = commands(kind, tool, pipe, data, scripts, scratch / "out", args.steps)
