@@ -35,6 +35,11 @@ class Trainer:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.step, self.interval = 0, {"loss": 0.0, "count": 0, "time": time.perf_counter()}
+        # per-step Python work kept off the hot path (~1,000 modules and parameters in an SD UNet): train() once
+        # and again after anything that may call eval(), the norm over the trainable parameters only (frozen
+        # ones have no gradient, which clip_grad_norm_ skips anyway: the same norm, bitwise)
+        self.needs_train_mode = True
+        self.clipped = [p for p in self.model.parameters() if p.requires_grad]
         stream = getattr(parts, "stream", None)  # DreamBooth's loss parts, samples per source (docs/recipes.md)
         self.terms = (LossTerms(parts.data, stream.order, self.world, options["grad_accum"])
                       if stream is not None and getattr(parts, "data", None) is not None else None)
@@ -62,7 +67,9 @@ class Trainer:
         return loss
 
     def train_step(self) -> tuple[float, float | None]:
-        self.model.train()
+        if self.needs_train_mode:
+            self.model.train()
+            self.needs_train_mode = False
         torch.manual_seed(seed_for(self.seed, self.rank, f"global/{self.step}"))  # dropout & co.
         total = torch.zeros((), device=self.device)
         for micro in range(self.options["grad_accum"]):
@@ -73,7 +80,7 @@ class Trainer:
                 total += loss.detach()
         grad_norm = None
         if self.options["max_grad_norm"] is not None:  # DeepSpeed clips inside its step and returns the norm
-            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.options["max_grad_norm"])
+            norm = self.accelerator.clip_grad_norm_(self.clipped, self.options["max_grad_norm"])
             grad_norm = None if norm is None else float(norm)
         self.optimizer.step()
         self.lr_scheduler.step()  # once per optimizer step, whatever the world size
@@ -125,6 +132,7 @@ class Trainer:
 
     def validate(self, metrics: MetricsLog) -> None:
         model = self.strategy.eval_copy()  # every rank: under ZeRO-3 this gathers the weights to rank 0
+        self.needs_train_mode = True  # the copy may be the live module, put in eval mode
         if self.is_main:
             self.parts.evaluator.validate(model, self.ema, self.step, metrics)
 
@@ -156,6 +164,7 @@ class Trainer:
     def save(self) -> Path | None:
         """A transaction (engine/checkpoint.py); collective: every rank takes part, rank 0 publishes."""
         root = self.run_dir / "checkpoints"
+        self.needs_train_mode = True  # EMA swaps and exports may touch the live module
         self.accelerator.wait_for_everyone()
         return guarded_save(root, self.step, self.accelerator, self._write_checkpoint)
 
