@@ -9,8 +9,14 @@ constant, no validation or checkpoints, DataLoader workers 0 (both tools' defaul
   diffusers  examples/text_to_image/train_text_to_image.py (full) and train_text_to_image_lora.py (LoRA r4),
              fetched into --scripts (default: a scratch folder beside the output) from the tag of the installed
              diffusers, never committed; pass --scripts DIR holding the two files where there is no network;
-  difftrain  `difftrain train` with its default caches (latents and prompt embeddings, built before step 1),
-             with every cache off, and with the caches a previous run left in a shared `data.cache_dir`.
+  difftrain  `difftrain train` with its default caches (latents and prompt embeddings, filled lazily by the
+             steps that first need an entry: data.cache_fill=auto), with the caches filled before step 1
+             (data.cache_fill=ahead), with every cache off, and with the complete caches a previous run left in
+             a shared `data.cache_dir`.
+
+With a fresh lazily filled cache the first epoch encodes like an uncached run and later ones read more and
+more of the cache (only the flips drawn are encoded), so its s/step over a short run lies between the uncached
+and the reused figures; the reused row is the steady state of a long run.
 
 Every run is a child process whose optimizer steps are stamped by a global `register_optimizer_step_post_hook`
 (the same hook in both tools): start-up = launch to the end of the first optimizer step, s/step = the median
@@ -140,6 +146,7 @@ def commands(kind: str, tool: str, pipe: Path, data: Path, scripts: Path, out: P
                 "--mixed_precision=no", "--report_to=tensorboard"]
         return args + ([f"--rank={RANK}"] if kind == "lora" else [])
     caches = {"default": [], "no caches": ["data.cache_latents=false", "data.cache_text_embeddings=false"],
+              "caches ahead": ["data.cache_fill=ahead"],
               "reused caches": [f"data.cache_dir={out.parents[2] / 'shared_cache'}"]}[tool.removeprefix("difftrain ")]
     return ["difftrain", "train", "model=sd15", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={data}",
             f"data.resolution={RESOLUTION}", "data.center_crop=true", "data.random_flip=true",
@@ -191,7 +198,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--kinds", default="full,lora")
-    ap.add_argument("--tools", default="diffusers,difftrain default,difftrain no caches,difftrain reused caches")
+    ap.add_argument("--tools", default="diffusers,difftrain default,difftrain caches ahead,difftrain no caches,"
+                                       "difftrain reused caches")
     ap.add_argument("--scripts", type=Path, default=None, help="folder with diffusers' two scripts")
     ap.add_argument("--work", type=Path, default=Path("/tmp/difftrain_peer_t2i"))
     ap.add_argument("--out", type=Path, default=Path("peer_t2i.json"))
@@ -212,7 +220,9 @@ def main() -> None:
         if "difftrain reused caches" in tools:
             scratch = work / "runs" / f"{kind}-fill-shared-cache"
             scratch.mkdir(parents=True)
-            run_once(commands(kind, "difftrain reused caches", pipe, data, scripts, scratch / "out", 2), scratch, 0)
+            fill = [*commands(kind, "difftrain reused caches", pipe, data, scripts, scratch / "out", 2),
+                    "data.cache_fill=ahead"]  # every entry, not only those of 2 steps
+            run_once(fill, scratch, 0)
     for repeat in range(args.repeats):
         for kind in kinds:
             order = tools if repeat % 2 == 0 else tools[::-1]

@@ -15,8 +15,8 @@ MISSING_PATH = "???"
 
 # keys of the data node that hold for the whole run (not per entry of data.sources)
 RUN_WIDE_DATA_KEYS = ("name", "center_crop", "random_flip", "channels", "bucket_step", "max_upscale",
-                      "validation_split", "on_bad_image", "cache_latents", "cache_text_embeddings", "cache_dir",
-                      "sources")
+                      "validation_split", "on_bad_image", "cache_latents", "cache_text_embeddings", "cache_fill",
+                      "cache_dir", "sources")
 SOURCE_KINDS = ("imagefolder", "hf")
 
 
@@ -93,10 +93,15 @@ class CaptionedImageDataConfig:
                                      "folder has fewer)", ge=1)
     prior_loss_weight: float = opt(1.0, "weight of the class images' loss (loss = instance + w x prior)", ge=0)
     class_image_steps: int = opt(30, "inference steps of the class-image generation", ge=1)
-    cache_latents: bool | None = opt(None, "encode every image with the VAE once into on-disk shards (both "
-                                            "flips when random_flip); null = when the crop is the center one")
+    cache_latents: bool | None = opt(None, "encode every image with the VAE once into an on-disk cache (each "
+                                            "flip with random_flip); null = when the crop is the center one")
     cache_text_embeddings: bool | None = opt(None, "cache prompt embeddings; null = when the text encoders "
                                                    "are frozen")
+    cache_fill: str = opt("auto", "when cached entries are computed: lazy (by the step that first needs one, "
+                                  "written as it goes: no pass before step 1), ahead (all before step 1, "
+                                  "then the frozen encoders are released), auto (latents lazily; prompt "
+                                  "embeddings lazily unless the text encoders hold over 1 GiB, like T5)",
+                          choices=("auto", "lazy", "ahead"))
     cache_dir: str | None = opt(None, "folder of the caches; null = RUN_DIR/cache")
 
 

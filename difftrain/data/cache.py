@@ -1,18 +1,24 @@
-"""Content-keyed on-disk caches of VAE latents and prompt embeddings: per-sample rows in memory-mappable
-safetensors shards, read lazily (RAM does not grow with the dataset).
+"""Content-keyed on-disk caches of VAE latents and prompt embeddings: entries of a few named tensors in
+memory-mappable safetensors part files, read lazily (RAM does not grow with the dataset).
 
-A cache is a folder `<kind>-<key>/` in `data.cache_dir` (default RUN_DIR/cache) holding `shard-NNNNN.safetensors`
-files of `SHARD_SIZE` items each (tensors named `<item>.<name>`) and, once every shard exists, `manifest.json`.
-The key is a SHA-256 over everything that changes the content: for latents the image index (file names, sizes,
-mtimes), buckets, crop and interpolation, whether both flips are stored, the VAE (id, config and a weight
-fingerprint) and the dtype it runs in; for text the distinct captions, the tokenizers, the text encoders and their
-dtype, the sequence length. A different key is a different folder, so a stale cache is never read; each shard
-carries the key in its metadata and is checked when opened, and the manifest records every shard's checksum: a
-run that reuses a cache verifies it first (a damaged one is rebuilt), and `difftrain verify RUN_DIR` checks it.
+A cache is a folder `<kind>-<key>/` in `data.cache_dir` (default RUN_DIR/cache) with `count` entries (ids
+0..count-1: a sample, and its flip, for latents; a distinct caption for text), each a few tensors named
+`<id>.<name>`, in part files `part-<algorithm>-<checksum>.safetensors` of up to PART_SIZE entries. The key is a
+SHA-256 over everything that changes the content: for latents the image index (file names, sizes, mtimes),
+buckets, crop and interpolation, whether flips are stored, the VAE (id, config and a weight fingerprint) and the
+dtype it runs in; for text the distinct captions, the tokenizers, the text encoders and their dtype, the
+sequence length. A different key is a different folder, so a stale cache is never read; each part carries the
+key in its metadata and is named by the checksum of its bytes, so a run that reuses a cache verifies every part
+first (a damaged one is deleted and its entries computed again), and `difftrain verify RUN_DIR` checks them.
 
-The build is split across ranks (shard s is computed by rank s mod world size), writes each shard to a temporary
-file and renames it, so a killed build keeps its finished shards and the next run computes only the missing
-ones. The shards' bytes depend only on their content: an interrupted and resumed build writes the same files.
+`data.cache_fill` says when entries are computed: `ahead`, before step 1 (the missing ones split across
+ranks), or lazily, by the training step that first needs one (it encodes what the cache lacks, as an uncached
+run would, and hands the rows to an `EntryWriter`, which writes a part every PART_SIZE entries, at each epoch's
+end and when the loop stops; DataLoader workers see a new part the next time they miss an entry). Every entry is
+computed alone (a batch of one), so its bytes do not depend on the other samples of its batch nor on how it was
+filled: runs with a fresh cache, a reused one, a lazily or an ahead-filled one, and a resumed one train on the
+same bits. Parts are written under a temporary name and renamed, so a killed run keeps the parts it finished and
+never leaves a torn one; an entry two ranks computed at once is the same in both parts, and either serves.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import hashlib
 import json
 import os
 import shutil
+import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +37,11 @@ import torch
 from difftrain.errors import UserError, warn
 from difftrain.progress import phase
 
-CACHE_VERSION = 2
-SHARD_SIZE = 256
+CACHE_VERSION = 3
+PART_SIZE = 256          # entries per part file
+STALE_TMP_S = 3600       # a temporary part file older than this is a killed writer's: deleted at start
+
+Row = dict[str, torch.Tensor]  # the named tensors of one entry
 
 
 def digest(obj) -> str:
@@ -59,154 +70,265 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest([type(tokenizer).__name__, tokenizer.model_max_length, sorted(vocab.items())])
 
 
-class ShardReader:
-    """Lazy reads of one complete cache: `get(item, name)` memory-maps the item's shard on first use.
-    Picklable (DataLoader workers open their own handles)."""
+def part_files(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.name.startswith("part-") and p.suffix == ".safetensors")
+    except OSError:
+        return []
 
-    def __init__(self, folder: Path, key: str, shard_size: int) -> None:
-        self.folder, self.key, self.shard_size = folder, key, shard_size
-        self._open: dict[int, object] = {}
+
+def part_checksum(path: Path) -> str | None:
+    """The checksum a part's name records ("<algorithm>:<hex>"), None when the name is not a part's."""
+    fields = path.name[: -len(".safetensors")].split("-")
+    return f"{fields[1]}:{fields[2]}" if len(fields) == 3 and fields[0] == "part" else None
+
+
+class EntryReader:
+    """Reads of one cache folder: `row(entry)` memory-maps the entry's part on first use; an entry not found
+    rescans the folder when it changed (a lazy fill writes parts while workers read). Picklable: DataLoader
+    workers open their own handles."""
+
+    def __init__(self, folder: Path, key: str, count: int) -> None:
+        self.folder, self.key, self.count = folder, key, count
+        self._where: dict[int, str] = {}       # entry -> part file name
+        self._names: dict[str, dict[int, list[str]]] = {}  # part -> entry -> tensor names
+        self._open: dict[str, object] = {}
+        self._stamp: int | None = None
 
     def __getstate__(self) -> dict:
-        return {"folder": self.folder, "key": self.key, "shard_size": self.shard_size, "_open": {}}
+        return {**self.__dict__, "_open": {}}
 
-    def names(self, item: int) -> list[str]:
-        """The tensor names stored for `item` (sorted)."""
-        self.get(item, None)
-        prefix = f"{item}."
-        return sorted(k[len(prefix):] for k in self._open[item // self.shard_size].keys() if k.startswith(prefix))
+    def refresh(self) -> None:
+        """Read the headers of parts written since the last look (one stat() when nothing changed)."""
+        try:
+            stamp = self.folder.stat().st_mtime_ns
+        except OSError:
+            return
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        for path in part_files(self.folder):
+            if path.name not in self._names:
+                self.add_part(path)
 
-    def get(self, item: int, name: str | None) -> torch.Tensor | None:
+    def add_part(self, path: Path) -> None:
         from safetensors import safe_open
 
-        shard = item // self.shard_size
-        handle = self._open.get(shard)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") != self.key:
+                    return
+                names: dict[int, list[str]] = {}
+                for tensor in f.keys():
+                    entry, name = tensor.split(".", 1)
+                    names.setdefault(int(entry), []).append(name)
+        except Exception:  # noqa: BLE001 (unreadable: its entries are computed again; the next start deletes it)
+            return
+        self._names[path.name] = names
+        for entry in names:
+            self._where.setdefault(entry, path.name)
+
+    def __contains__(self, entry: int) -> bool:
+        if entry not in self._where:
+            self.refresh()
+        return entry in self._where
+
+    @property
+    def present(self) -> int:
+        return len(self._where)
+
+    def names(self, entry: int) -> list[str]:
+        """The tensor names stored for `entry` (sorted); [] when it is not cached."""
+        return sorted(self._names[self._where[entry]][entry]) if entry in self else []
+
+    def get(self, entry: int, name: str) -> torch.Tensor | None:
+        """One tensor of an entry, None when the entry is not cached (yet)."""
+        if entry not in self:
+            return None
+        part = self._where[entry]
+        handle = self._open.get(part)
         if handle is None:
-            path = self.folder / shard_name(shard)
+            from safetensors import safe_open
+
+            path = self.folder / part
             try:
                 handle = safe_open(str(path), framework="pt")
             except Exception as exc:  # noqa: BLE001
-                raise UserError(f"cache shard '{path}' cannot be read ({exc}); delete the folder "
-                                f"'{self.folder}' and run again to rebuild it") from None
-            if (handle.metadata() or {}).get("key") != self.key:
-                raise UserError(f"cache shard '{path}' belongs to another cache; delete '{self.folder}' and run "
-                                "again")
-            self._open[shard] = handle
-        return None if name is None else handle.get_tensor(f"{item}.{name}")
+                raise UserError(f"cache part '{path}' cannot be read ({exc}); delete the folder '{self.folder}' "
+                                "and run again to rebuild it") from None
+            self._open[part] = handle
+        return handle.get_tensor(f"{entry}.{name}")
+
+    def row(self, entry: int) -> Row | None:
+        names = self.names(entry)
+        return {name: self.get(entry, name) for name in names} if names else None
 
 
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}.safetensors"
+class EntryCache:
+    """The cache of (kind, fields) with `count` entries in `root`/<kind>-<key>."""
 
-
-class ShardedCache:
-    """The cache of (kind, fields) with `count` items in `folder`."""
-
-    def __init__(self, folder: Path, kind: str, fields: dict, count: int, shard_size: int = SHARD_SIZE) -> None:
-        self.kind, self.fields, self.count, self.shard_size = kind, fields, count, shard_size
+    def __init__(self, root: Path, kind: str, fields: dict, count: int, part_size: int = PART_SIZE) -> None:
+        self.kind, self.fields, self.count, self.part_size = kind, fields, count, part_size
         self.key = digest({"version": CACHE_VERSION, "kind": kind, "count": count, **fields})
-        self.root = folder
-        self.folder = folder / f"{kind}-{self.key[:20]}"
+        self.root = root
+        self.folder = root / f"{kind}-{self.key[:20]}"
 
-    @property
-    def shards(self) -> int:
-        return (self.count + self.shard_size - 1) // self.shard_size
-
-    def items(self, shard: int) -> list[int]:
-        return list(range(shard * self.shard_size, min(self.count, (shard + 1) * self.shard_size)))
-
-    def complete(self) -> bool:
-        try:
-            return json.loads((self.folder / "manifest.json").read_text()).get("key") == self.key
-        except (OSError, ValueError):
-            return False
+    def reader(self) -> EntryReader:
+        reader = EntryReader(self.folder, self.key, self.count)
+        reader.refresh()
+        return reader
 
     def missing(self) -> list[int]:
-        return [s for s in range(self.shards) if not self._valid_shard(s)]
+        reader = self.reader()
+        return [e for e in range(self.count) if e not in reader._where]
 
-    def _valid_shard(self, shard: int) -> bool:
-        from safetensors import safe_open
+    def write_part(self, rows: dict[int, Row]) -> Path:
+        """One part file of `rows` (entry -> named tensors), atomically: a temporary file, then renamed."""
+        from safetensors.torch import save
 
-        path = self.folder / shard_name(shard)
-        if not path.is_file():
-            return False
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return (f.metadata() or {}).get("key") == self.key
-        except Exception:  # noqa: BLE001 (a torn file from a killed build: recompute it)
-            return False
+        tensors = {f"{entry}.{name}": t.detach().cpu().contiguous() for entry in sorted(rows)
+                   for name, t in rows[entry].items()}
+        data = save(tensors, metadata={"key": self.key})
+        algorithm, value = bytes_checksum(data).split(":")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"part-{algorithm}-{value}.safetensors"
+        tmp = self.folder / f".{path.name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return path
 
-    def build(self, compute: Callable[[list[int]], dict[str, torch.Tensor]], accelerator, prune: bool,
-              show_progress: bool = True) -> ShardReader:
-        """Compute the missing shards (this rank's share), wait for every rank, publish the manifest; a reader."""
+    def drop_damaged(self) -> None:
+        """Delete parts that fail their checksum or belong to another key, and killed writers' temporary files
+        (the main process, before any rank reads)."""
+        if not self.folder.is_dir():
+            return
+        damaged = [p for p in part_files(self.folder) if verify_part(p, self.key) is not None]
+        for path in damaged:
+            path.unlink(missing_ok=True)
+        if damaged:
+            warn(f"the {self.kind} cache '{self.folder}' had {len(damaged)} damaged part file(s) "
+                 f"({damaged[0].name}, ...); deleted them, their entries are computed again")
+        for tmp in self.folder.glob(".part-*.tmp"):
+            try:
+                if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+            except OSError:
+                pass
+
+    def open(self, accelerator, fill: str, compute: Callable[[list[int]], dict[int, Row]], prune: bool,
+             show_progress: bool = True) -> EntryReader:
+        """Check a reused cache, compute the missing entries first when `fill` is "ahead" (this rank's share:
+        every world-th of them), drop other caches of this kind (`prune`); a reader of it."""
         rank, world = accelerator.process_index, accelerator.num_processes
-        if accelerator.is_main_process and self.complete():  # a reused cache is checked before it is trusted
-            problem = verify_cache(self.folder)
-            if problem is not None:
-                warn(f"the {self.kind} cache '{self.folder}' is damaged ({problem}); rebuilding it")
-                shutil.rmtree(self.folder, ignore_errors=True)
+        if accelerator.is_main_process:
+            self.drop_damaged()
         accelerator.wait_for_everyone()
-        if not self.complete():
-            todo = [s for s in self.missing() if s % world == rank]
-            with phase(f"cache {self.kind}", len(todo), "shards", show_progress and accelerator.is_main_process) as tick:
-                for shard in todo:
-                    self._write(shard, compute(self.items(shard)))
-                    tick()
+        if fill == "ahead":
+            todo = self.missing()[rank::world]
+            with phase(f"cache {self.kind}", len(todo), "entries", show_progress and accelerator.is_main_process) as tick:
+                for start in range(0, len(todo), self.part_size):
+                    chunk = todo[start : start + self.part_size]
+                    self.write_part(compute(chunk))
+                    tick(len(chunk))
             accelerator.wait_for_everyone()
             missing = self.missing()  # every rank checks the shared folder: all raise, or none does
             if missing:
-                raise UserError(f"the {self.kind} cache in '{self.folder}' lacks shards {missing[:5]} after the "
-                                "build; data.cache_dir must be a folder every process can write and read")
-            if accelerator.is_main_process:
-                sums = {shard_name(s): file_checksum(self.folder / shard_name(s)) for s in range(self.shards)}
-                _write_json(self.folder / "manifest.json", {"key": self.key, "kind": self.kind, "count": self.count,
-                                                            "shard_size": self.shard_size, "fields": self.fields,
-                                                            "checksums": sums})
+                raise UserError(f"the {self.kind} cache in '{self.folder}' lacks entries {missing[:5]} after "
+                                "filling it; data.cache_dir must be a folder every process can write and read")
         if prune and accelerator.is_main_process:  # the run's own cache folder keeps only the current caches
             for old in self.root.glob(f"{self.kind}-*"):
                 if old.is_dir() and old != self.folder:
                     shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
-        if not self.complete():
-            raise UserError(f"the {self.kind} cache '{self.folder}' is incomplete on this rank; data.cache_dir "
-                            "must be a folder every process can read")
-        return ShardReader(self.folder, self.key, self.shard_size)
+        return self.reader()
 
-    def _write(self, shard: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / shard_name(shard)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={"key": self.key})
-        os.replace(tmp, path)
+class EntryWriter:
+    """The lazy fill: entries the training step computed, kept until written as one part file (every
+    `part_size` entries, and on `flush()`: the loop's epoch ends, checkpoints and stop). A write that fails
+    (a full disk) warns once and stops the fill: training goes on computing what the cache lacks."""
+
+    def __init__(self, cache: EntryCache, reader: EntryReader) -> None:
+        self.cache, self.reader = cache, reader
+        self.pending: dict[int, Row] = {}
+        self.failed = False
+
+    def lookup(self, entry: int) -> Row | None:
+        row = self.pending.get(entry)
+        return row if row is not None else self.reader.row(entry)
+
+    def add(self, entry: int, row: Row) -> None:
+        if self.failed or entry in self.reader._where:
+            return
+        self.pending[entry] = {k: v.detach().cpu() for k, v in row.items()}
+        if len(self.pending) >= self.cache.part_size:
+            self.flush()
+
+    @property
+    def complete(self) -> bool:
+        """Every entry is known to this process (written, or waiting to be)."""
+        return self.reader.present + sum(e not in self.reader._where for e in self.pending) >= self.cache.count
+
+    def flush(self) -> None:
+        if not self.pending or self.failed:
+            return
+        try:
+            path = self.cache.write_part(self.pending)
+        except OSError as exc:
+            self.failed = True
+            warn(f"could not write to the {self.cache.kind} cache '{self.cache.folder}' ({exc}); training goes "
+                 "on without filling it (entries are encoded in each step). Free space on that disk or set "
+                 "data.cache_dir to another folder")
+        else:
+            self.reader.add_part(path)
+        self.pending.clear()
+
+
+def _hasher(algorithm: str):
+    if algorithm == "xxh3":
+        import xxhash
+
+        return xxhash.xxh3_64()
+
+    class Crc:
+        value = 0
+
+        def update(self, chunk: bytes) -> None:
+            self.value = zlib.crc32(chunk, self.value)
+
+        def hexdigest(self) -> str:
+            return f"{self.value:08x}"
+
+    return Crc()
+
+
+def _default_algorithm() -> str:
+    try:
+        import xxhash  # noqa: F401
+
+        return "xxh3"
+    except ImportError:
+        return "crc32"
+
+
+def bytes_checksum(data: bytes, algorithm: str | None = None) -> str:
+    algorithm = algorithm or _default_algorithm()
+    h = _hasher(algorithm)
+    h.update(data)
+    return f"{algorithm}:{h.hexdigest()}"
 
 
 def file_checksum(path: Path, algorithm: str | None = None) -> str:
     """"<algorithm>:<hex>" of a file, read in 8 MB chunks: xxh3_64 (about 10 GB/s) when the xxhash package is
-    installed, else zlib's CRC-32 (about 3 GB/s). Checkpoints and cache shards record it in their manifests."""
-    if algorithm is None:
-        try:
-            import xxhash  # noqa: F401
-
-            algorithm = "xxh3"
-        except ImportError:
-            algorithm = "crc32"
+    installed, else zlib's CRC-32 (about 3 GB/s). Checkpoints record it in their manifests, cache parts in
+    their names."""
+    algorithm = algorithm or _default_algorithm()
+    h = _hasher(algorithm)
     with open(path, "rb") as f:
-        if algorithm == "xxh3":
-            import xxhash
-
-            h = xxhash.xxh3_64()
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-            return f"xxh3:{h.hexdigest()}"
-        import zlib
-
-        crc = 0
         while chunk := f.read(8 << 20):
-            crc = zlib.crc32(chunk, crc)
-        return f"crc32:{crc:08x}"
+            h.update(chunk)
+    return f"{algorithm}:{h.hexdigest()}"
 
 
 def checksum_matches(path: Path, recorded: str) -> bool:
@@ -218,22 +340,36 @@ def checksum_matches(path: Path, recorded: str) -> bool:
         return True
 
 
-def verify_cache(folder: Path) -> str | None:
-    """None when a cache folder's manifest lists every shard with a matching checksum, else what is wrong."""
+def verify_part(path: Path, key: str | None = None) -> str | None:
+    """None when a part file matches the checksum in its name (and carries `key`), else what is wrong."""
+    from safetensors import safe_open
+
+    recorded = part_checksum(path)
+    if recorded is None:
+        return f"{path.name} is not named part-<algorithm>-<checksum>.safetensors"
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return "no readable manifest.json (an unfinished build: the next run completes it)"
-    for name, recorded in manifest.get("checksums", {}).items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
         if not checksum_matches(path, recorded):
-            return f"{name} does not match its checksum"
-    return None
+            return f"{path.name} does not match its checksum"
+        with safe_open(str(path), framework="pt") as f:
+            found = (f.metadata() or {}).get("key")
+    except Exception as exc:  # noqa: BLE001
+        return f"{path.name} cannot be read ({exc})"
+    return None if key is None or found == key else f"{path.name} belongs to another cache"
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True, default=str, indent=1))
-    os.replace(tmp, path)
+def verify_cache(folder: Path) -> str | None:
+    """None when every part of a cache folder matches its checksum and all carry one key, else what is wrong.
+    (A cache still being filled is not damaged: the next run computes its missing entries.)"""
+    from safetensors import safe_open
+
+    parts = part_files(folder)
+    if not parts and any(p.name.startswith("shard-") for p in folder.iterdir()):
+        return "an older cache format (shard files), which this version does not read: delete the folder"
+    keys = set()
+    for path in parts:
+        problem = verify_part(path)
+        if problem is not None:
+            return problem
+        with safe_open(str(path), framework="pt") as f:
+            keys.add((f.metadata() or {}).get("key"))
+    return None if len(keys) <= 1 else f"parts of {len(keys)} different caches"

@@ -19,6 +19,7 @@ from difftrain.components.seeding import seed_for
 from difftrain.data.buckets import center_offset, cover
 from difftrain.data.caption_rules import CaptionRules
 from difftrain.data.masks import SourceTable, open_mask
+from difftrain.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,17 @@ class Augment:
 
 @dataclass
 class Served:
-    """What the caches serve instead of decoding and encoding (data/cache.py readers), set by the family."""
+    """What the caches serve instead of decoding and encoding (data/cache.py readers), set by the family.
+    An entry a lazily filled cache lacks yet is handed to the step to encode (`Loaded.entry`)."""
 
-    latents: object | None = None    # ShardReader: "<pos>.mean_logvar" (+ ".flip"), "<pos>.crop"
-    text: object | None = None       # ShardReader of embedding rows "<row>.<name>"
-    text_names: tuple[str, ...] = ()
+    latents: object | None = None    # EntryReader: entry latent_entry(position, flip) -> "mean_logvar"
+    flips: bool = False              # the latent cache keeps each sample's mirror image as its own entry
+    text: object | None = None       # EntryReader of embedding rows (one per distinct caption)
     caption_rows: list[int] = field(default_factory=list)
     empty_row: int = 0
+
+    def latent_entry(self, position: int, flip: bool) -> int:
+        return 2 * position + int(flip) if self.flips else position
 
 
 def unit_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,7 @@ class Loaded:
     dropped: bool
     caption: str | None
     mask: torch.Tensor | None = None
+    entry: int | None = None        # the latent cache entry the step must encode `tensor` (pixels) for
 
 
 class ImageSamples(torch.utils.data.Dataset):
@@ -171,10 +177,13 @@ class ImageSamples(torch.utils.data.Dataset):
         caption = None if self.captions is None else self.captions[position]
         if caption is not None and not drop and g is not None and rules.random_tags:
             caption = rules.draw(caption, g)
-        latents = self.served.latents
-        if latents is not None:  # one cached crop per sample; both flips cached
-            row = latents.get(position, "mean_logvar_flip" if flip else "mean_logvar")
-            crop = tuple(latents.get(position, "crop").tolist())
+        served = self.served
+        if served.latents is not None:  # one cached crop per sample; each flip its own entry
+            crop, entry = self.cache_crop(position), served.latent_entry(position, flip)
+            row = served.latents.get(entry, "mean_logvar")
+            if row is None:  # not cached yet (a lazy fill): the step encodes these pixels and caches them
+                pixels, mask = self.pixels_and_mask(position, size, crop, flip, mask_mode)
+                return Loaded(position, pixels, crop, flip, drop, caption, mask, entry)
             mask = (self.pixels_and_mask(position, size, crop, flip, mask_mode)[1] if mask_mode != "none" else None)
             return Loaded(position, row, crop, flip, drop, caption, mask)
         _, crop = self.crop_box(position, size, None if self.augment.center_crop else (top, left))
@@ -193,9 +202,9 @@ class ImageSamples(torch.utils.data.Dataset):
         for position, copy in wanted:  # (class images of prior preservation take the batch's size)
             try:
                 loaded.append(self.sample(position, key.epoch, size, copy))
+            except UserError:  # an unreadable cache part: no stand-in for that
+                raise
             except Exception as exc:  # noqa: BLE001 (a file that broke since the index was built)
-                if self.served.latents is not None:
-                    raise
                 loaded.append(self.stand_in(position, key.epoch, size, exc))
         return self._collate(key, loaded, size)
 
@@ -214,8 +223,10 @@ class ImageSamples(torch.utils.data.Dataset):
                  "crop_offsets": torch.tensor([i.crop for i in loaded], dtype=torch.long).view(-1, 2),
                  "resized_sizes": torch.tensor([cover(self.sizes[p], size)[0] for p in used], dtype=torch.long),
                  "target_size": size, "sources": torch.tensor(sources, dtype=torch.long)}
-        stacked = torch.stack([i.tensor for i in loaded])
-        batch["latents" if cached else "pixels"] = stacked
+        if cached:
+            batch.update(self._latent_fields(loaded))
+        else:
+            batch["pixels"] = torch.stack([i.tensor for i in loaded])
         if table.any_masks:
             full = torch.full((1, *size), 255, dtype=torch.uint8)
             batch["masks"] = torch.stack([i.mask if i.mask is not None else full for i in loaded])
@@ -228,13 +239,32 @@ class ImageSamples(torch.utils.data.Dataset):
             batch["dropped"] = torch.tensor(dropped, dtype=torch.bool)
             batch["captions"] = ["" if i.dropped else i.caption for i in loaded]
             if self.served.text is not None:
-                batch["text"] = self.text_rows(used, dropped)
+                batch.update(self.text_rows(used, dropped))
         return batch
 
-    def text_rows(self, positions: list[int], dropped: list[bool]) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _latent_fields(loaded: list[Loaded]) -> dict:
+        """"latents": the cached rows; with entries still to encode also "latent_fill": which batch rows they
+        are, their entries and pixels (the step puts the rows together: families/t2i_caches.py)."""
+        present = [i for i, item in enumerate(loaded) if item.entry is None]
+        rows = torch.stack([loaded[i].tensor for i in present]) if present else None
+        if len(present) == len(loaded):
+            return {"latents": rows}
+        missing = [i for i, item in enumerate(loaded) if item.entry is not None]
+        return {"latents": rows, "latent_fill": {
+            "present": torch.tensor(present, dtype=torch.long), "missing": torch.tensor(missing, dtype=torch.long),
+            "entries": torch.tensor([loaded[i].entry for i in missing], dtype=torch.long),
+            "pixels": torch.stack([loaded[i].tensor for i in missing])}}
+
+    def text_rows(self, positions: list[int], dropped: list[bool]) -> dict:
+        """"text": the stacked embedding rows; while a lazy fill lacks some, "text_fill": each row or None,
+        and the row ids (the step encodes the missing captions)."""
         served = self.served
         rows = [served.empty_row if d else served.caption_rows[p] for p, d in zip(positions, dropped)]
-        return {name: torch.stack([served.text.get(r, name) for r in rows]) for name in served.text_names}
+        got = [served.text.row(r) for r in rows]
+        if any(g is None for g in got):
+            return {"text_fill": {"rows": rows, "got": got}}
+        return {"text": {name: torch.stack([g[name] for g in got]) for name in got[0]}}
 
     def cache_crop(self, position: int) -> tuple[int, int]:
         """The one crop of a sample in the latent cache: the center, or (random crops) one draw of

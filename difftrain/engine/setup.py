@@ -54,7 +54,7 @@ def cache_options(cfg: dict, run_dir: Path) -> CacheOptions:
     data = cfg["data"]
     return CacheOptions(latents=latents_cached(data), text=data.get("cache_text_embeddings"),
                         folder=cache_folder(cfg, run_dir), prune=not data.get("cache_dir"),
-                        batch_size=cfg["trainer"]["batch_size"], num_workers=cfg["trainer"]["num_workers"],
+                        fill=data.get("cache_fill", "auto"), num_workers=cfg["trainer"]["num_workers"],
                         key_fields=(("center_crop", data.get("center_crop")),
                                     ("interpolation", cfg["interpolation"]["name"])))
 

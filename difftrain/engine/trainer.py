@@ -126,6 +126,7 @@ class Trainer:
         finally:
             stops.restore()
             self.parts.stream.close()
+            self.family.flush_caches()
             progress.stop()
             metrics.close()
         return {"step": self.step}
@@ -165,6 +166,7 @@ class Trainer:
         """A transaction (engine/checkpoint.py); collective: every rank takes part, rank 0 publishes."""
         root = self.run_dir / "checkpoints"
         self.needs_train_mode = True  # EMA swaps and exports may touch the live module
+        self.family.flush_caches()  # latents/embeddings a lazy cache fill computed: kept if the run stops here
         self.accelerator.wait_for_everyone()
         return guarded_save(root, self.step, self.accelerator, self._write_checkpoint)
 

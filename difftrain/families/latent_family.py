@@ -49,3 +49,6 @@ class ForwardsToLatentTextToImage:
 
     def export(self, final_dir: Path, model, ema, schedule) -> None:
         self.t2i.export(final_dir, model, ema, schedule)
+
+    def flush_caches(self) -> None:
+        self.t2i.flush_caches()

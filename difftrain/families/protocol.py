@@ -28,7 +28,7 @@ class CacheOptions:
     text: bool | None = None           # prompt embeddings; None = when the text encoders are frozen
     folder: Path | None = None         # where cache files live (data.cache_dir or RUN_DIR/cache)
     prune: bool = True                 # keep only the newest file of each kind (the run's own folder)
-    batch_size: int = 16               # encoder batch size while filling a cache
+    fill: str = "auto"                 # data.cache_fill: lazy | ahead | auto (data/cache.py)
     num_workers: int = 0               # DataLoader workers decoding images for the latent cache
     key_fields: tuple[tuple[str, Any], ...] = ()  # data options that change cached content (crop, filter)
 
@@ -81,6 +81,9 @@ class ModelFamily(Protocol):
 
     def export(self, final_dir: Path, model, ema, schedule) -> None:
         """Write `final/` (EMA weights when `ema` is set) in the formats diffusers loads."""
+
+    def flush_caches(self) -> None:
+        """Write what lazily filled caches computed so far (at checkpoints and when the loop stops)."""
 
 
 @runtime_checkable

@@ -16,7 +16,6 @@ the latent and prompt-embedding caches built (data/cache.py). A finished run is 
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -156,8 +155,9 @@ class LatentTextToImage:
         self.accelerator = None
         self.weight_dtype = self.vae_dtype = torch.float32
         self.size: tuple[int, int] | None = None     # (h, w) of validation images: the data's most common bucket
-        self.latent_cache = None                       # data.cache.ShardReader once built
-        self.text_cache = None
+        self.latent_cache = None                       # t2i_caches.LatentFill once opened
+        self.text_cache = None                         # t2i_caches.TextFill
+        self._epoch = None                             # of the last batch (the lazy fills write at epoch ends)
         self.validation_prompts: list[str] = []
         self.validation_embeddings: PromptEmbeddings | None = None
 
@@ -218,9 +218,8 @@ class LatentTextToImage:
             self.validation_embeddings = PromptEmbeddings(tuple(self.validation_prompts),
                                                           self.encode_prompts(self.validation_prompts),
                                                           self.encode_prompts([""]))
-        if self.text_cache is not None:  # every embedding is computed: the frozen encoders can go
-            self.frozen_encoders = {}
-            gc.collect()
+        if self.text_cache is not None:  # every embedding is computed (filled ahead): the encoders can go
+            self.text_cache.release_when_complete()
 
     def _check_sizes(self, sizes: list[tuple[int, int]]) -> None:
         multiple = pixel_multiple(self.vae_scale_factor, self.spec.latent_multiple)
@@ -231,16 +230,22 @@ class LatentTextToImage:
                             f"set data.resolution to a multiple of {multiple} (and bucket sides likewise)")
 
     def _build_caches(self, data, options: CacheOptions, captions: list[str]) -> None:
-        from difftrain.families.t2i_caches import build_latent_cache, build_text_cache
+        from difftrain.families.t2i_caches import LatentFill, TextFill
 
         source = {"pretrained": self.source.pretrained, "revision": self.source.revision,
                   "variant": self.source.variant, "family": self.spec.name, "dtype": str(self.weight_dtype)}
         if options.latents:  # tiled latents differ slightly: the cache key says so (only when tiled)
             latent_source = {**source, "vae_tiling": True} if self.vae_tiled else source
-            self.latent_cache = build_latent_cache(self, data, options, latent_source)
+            self.latent_cache = LatentFill(self, data, options, latent_source)
         cache_text = options.text if options.text is not None else not self.trains_text
         if cache_text:
-            self.text_cache = build_text_cache(self, data, options, source, captions)
+            self.text_cache = TextFill(self, data, options, source, captions)
+
+    def flush_caches(self) -> None:
+        """Write what the lazy cache fills computed so far (the loop calls it at checkpoints and when it stops)."""
+        for fill in (self.latent_cache, self.text_cache):
+            if fill is not None:
+                fill.writer.flush()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -263,8 +268,12 @@ class LatentTextToImage:
     def inputs(self, batch: dict, device, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Latents from the cache rows the data served (or the VAE on the pixels); prompt embeddings from the
         cache rows (or the frozen encoders), or token ids when LoRA trains the encoders."""
+        if batch.get("step", -1) >= 0 and batch["epoch"] != self._epoch:  # an epoch's new entries are written
+            if self._epoch is not None:                             # before the next epoch reads them
+                self.flush_caches()
+            self._epoch = batch["epoch"]
         if "latents" in batch:
-            params = batch["latents"].to(device)
+            params = self.latent_cache.params(batch).to(device)
         else:
             with torch.no_grad():
                 pixels = batch["pixels"].to(device=device, dtype=self.vae_dtype)
@@ -274,8 +283,8 @@ class LatentTextToImage:
         if self.trains_text:
             ids = self.spec.tokenize(self.tokenizers, self.encoders(), captions)
             cond = {"input_ids": {k: v.to(device) for k, v in ids.items()}}
-        elif "text" in batch:
-            cond = {k: v.to(device) for k, v in batch["text"].items()}
+        elif "text" in batch or "text_fill" in batch:
+            cond = {k: v.to(device) for k, v in self.text_cache.cond(batch).items()}
         else:
             cond = {k: v.to(device) for k, v in self.encode_prompts(captions).items()}
         if self.spec.batch_conditioning is not None:

@@ -142,6 +142,9 @@ class UNet2DFamily:
         images = sample(denoise, schedule, (count, self.channels, height, width), request.steps, request.seed, device)
         return images, request.per_condition if labels is not None else UNCONDITIONAL_ROW
 
+    def flush_caches(self) -> None:
+        """Nothing is cached for a pixel-space UNet."""
+
     def export(self, final_dir: Path, model, ema, schedule) -> None:
         """final/unet = EMA weights (raw ones in final/unet_raw when EMA is on); final/scheduler."""
         model.save_pretrained(final_dir / ("unet_raw" if ema is not None else "unet"))

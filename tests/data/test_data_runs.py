@@ -186,24 +186,26 @@ def test_interrupted_cache_build_resumes_to_the_same_bytes(tmp_path):
     accelerator = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
                                   wait_for_everyone=lambda: None)
 
-    def compute(items):
-        return {f"{i}.x": torch.full((3,), float(i)) for i in items}
+    def compute(entries):
+        return {e: {"x": torch.full((3,), float(e))} for e in entries}
 
-    def killed_after_one(items):
-        if items[0] > 0:
-            raise KeyboardInterrupt  # the process dies while building shard 1
-        return compute(items)
+    def killed_after_one(entries):
+        if entries[0] > 0:
+            raise KeyboardInterrupt  # the process dies while computing the second part
+        return compute(entries)
 
-    whole = caches.ShardedCache(tmp_path / "a", "latents", {"k": 1}, 10, shard_size=4)
-    whole.build(compute, accelerator, prune=False)
-    broken = caches.ShardedCache(tmp_path / "b", "latents", {"k": 1}, 10, shard_size=4)
+    whole = caches.EntryCache(tmp_path / "a", "latents", {"k": 1}, 10, part_size=4)
+    whole.open(accelerator, "ahead", compute, prune=False)
+    broken = caches.EntryCache(tmp_path / "b", "latents", {"k": 1}, 10, part_size=4)
     with pytest.raises(KeyboardInterrupt):
-        broken.build(killed_after_one, accelerator, prune=False)
-    assert broken.missing() == [1, 2] and not broken.complete()
+        broken.open(accelerator, "ahead", killed_after_one, prune=False)
+    assert broken.missing() == list(range(4, 10)) and not list(broken.folder.glob(".*.tmp"))
     done = []
-    broken.build(lambda items: done.append(items[0]) or compute(items), accelerator, prune=False)
-    assert done == [4, 8]  # only the missing shards
-    for name in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+    broken.open(accelerator, "ahead", lambda entries: done.append(entries[0]) or compute(entries), prune=False)
+    assert done == [4, 8]  # only the missing entries
+    names = [p.name for p in caches.part_files(whole.folder)]
+    assert len(names) == 3 and names == [p.name for p in caches.part_files(broken.folder)]
+    for name in names:  # named by their checksum: the same bytes
         assert (whole.folder / name).read_bytes() == (broken.folder / name).read_bytes()
 
 

@@ -78,16 +78,16 @@ class OneProcess:
 def test_a_cache_build_is_one_phase_and_a_complete_cache_none(tmp_path, capsys, plain):
     import torch
 
-    from difftrain.data.cache import ShardedCache
+    from difftrain.data.cache import EntryCache
 
-    def compute(items):
-        return {f"{i}.x": torch.full((2,), float(i)) for i in items}
+    def compute(entries):
+        return {e: {"x": torch.full((2,), float(e))} for e in entries}
 
-    cache = ShardedCache(tmp_path, "latents", {"demo": 1}, count=5, shard_size=2)
-    reader = cache.build(compute, OneProcess(), prune=False)
-    assert capsys.readouterr().out == "cache latents: start, 3 shards\ncache latents: done, 3 shards in 0.0 s\n"
+    cache = EntryCache(tmp_path, "latents", {"demo": 1}, count=5, part_size=2)
+    reader = cache.open(OneProcess(), "ahead", compute, prune=False)
+    assert capsys.readouterr().out == "cache latents: start, 5 entries\ncache latents: done, 5 entries in 0.0 s\n"
     assert reader.get(4, "x").tolist() == [4.0, 4.0]
-    cache.build(compute, OneProcess(), prune=False)
+    cache.open(OneProcess(), "ahead", compute, prune=False)
     assert capsys.readouterr().out == ""
 
 

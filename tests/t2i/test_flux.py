@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_flux import flux_dir, write_two_shapes
-from tiny_pipes import lora_file, losses, one_thread
+from tiny_pipes import cache_tensors, lora_file, losses, one_thread
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -211,7 +211,6 @@ def test_training_uses_the_inference_shift_per_bucket_unlike_the_scripts_unshift
 def test_lora_on_the_transformer_two_buckets_cached_bf16(tmp_path, dev, images):
     from diffusers import FluxPipeline
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
 
     from difftrain.engine.run import run_training
 
@@ -229,7 +228,7 @@ def test_lora_on_the_transformer_two_buckets_cached_bf16(tmp_path, dev, images):
     assert any(n.startswith("single_transformer_blocks.") for n in expected)  # attn.to_q/k/v of single blocks
     assert meta["transformer.r"] == 2 and meta["transformer.lora_alpha"] == 4
     assert any(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
-    text = load_file(str(next((run / "cache").glob("text-*/shard-00000.safetensors"))))
+    text = cache_tensors(run, "text")
     assert text["0.encoder_hidden_states"].shape == (16, 32) and text["0.pooled_projections"].shape == (32,)
     before = _generate(base)
     base.load_lora_weights(str(run / "final"))

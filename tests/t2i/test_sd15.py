@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_pipes import lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
+from tiny_pipes import cache_tensors, lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -50,14 +50,23 @@ def test_full_finetune_epsilon_with_caches_is_a_diffusers_pipeline(tmp_path, sd1
     assert any(not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), raw.parameters()))  # EMA in final
     base = UNet2DConditionModel.from_pretrained(str(sd15), subfolder="unet")
     assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), raw.parameters()))  # it trained
-    # caches: latents of both flips (16 rows for 8 images), one prompt row per distinct caption + the empty one
+    # caches, filled lazily by the 4 steps (2 epochs of the 8 images): latents of each sample's drawn flips,
+    # one prompt row per distinct caption + the empty one; bitwise what a fill ahead of step 1 computes, and
+    # a run filling ahead trains the same losses
     from safetensors.torch import load_file
 
-    latents = load_file(str(next((run / "cache").glob("latents-*/shard-00000.safetensors"))))
-    assert sorted(latents) == sorted(f"{i}.{k}" for i in range(8) for k in ("crop", "mean_logvar", "mean_logvar_flip"))
-    assert latents["3.mean_logvar"].shape == (8, 16, 16) and latents["3.crop"].tolist() == [0, 3]  # 40x48 -> 32x38, center: (38 - 32) // 2
-    text = load_file(str(next((run / "cache").glob("text-*/shard-00000.safetensors"))))
-    assert len(text) == 5 and text["4.encoder_hidden_states"].shape == (77, 8)
+    ahead = tmp_path / "ahead"
+    run_training(t2i_config(ahead, "sd15", sd15, images, "scheduler=ddpm", "data.cache_latents=true",
+                            "data.random_flip=true", "noise.offset=0.05", "data.cache_fill=ahead"))
+    assert losses(ahead) == losses(run)
+    latents, every = cache_tensors(run, "latents"), cache_tensors(ahead, "latents")
+    assert sorted(every) == sorted(f"{e}.mean_logvar" for e in range(16))  # entry 2 * sample + flip
+    assert {int(k.split(".")[0]) // 2 for k in latents} == set(range(8)) and len(latents) < 16
+    assert all(torch.equal(v, every[k]) for k, v in latents.items())
+    assert {tuple(v.shape) for v in every.values()} == {(8, 16, 16)}
+    text = cache_tensors(run, "text")
+    assert sorted(text) == sorted(cache_tensors(ahead, "text")) == [f"{i}.encoder_hidden_states" for i in range(5)]
+    assert text["4.encoder_hidden_states"].shape == (77, 8)
     info = json.loads((final / "difftrain.json").read_text())
     assert info["family"] == "sd15" and info["lora"] is False and set(info["caches"]) == {"latents", "text"}
     assert (run / "samples" / "step_000004.png").is_file()

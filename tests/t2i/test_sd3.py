@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from tiny_pipes import lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
+from tiny_pipes import cache_tensors, lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -68,9 +68,8 @@ def test_full_finetune_preconditioned_uses_the_pipeline_scheduler(tmp_path, sd3,
     _generate(pipe)
     raw = SD3Transformer2DModel.from_pretrained(str(run / "final" / "transformer_raw"))
     assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), raw.parameters()))
-    from safetensors.torch import load_file
 
-    text = load_file(str(next((run / "cache").glob("text-*/shard-00000.safetensors"))))
+    text = cache_tensors(run, "text")
     assert len(text) == 2 * 5  # 4 distinct captions and the empty prompt, two tensors each
     assert text["4.encoder_hidden_states"].shape == (77 + 77, 32)  # 77 CLIP + 77 T5 tokens, T5 width
     assert text["4.pooled_projections"].shape == (64,)

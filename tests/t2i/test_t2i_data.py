@@ -88,8 +88,8 @@ def test_cache_is_reused_and_invalidated_by_what_changes_it(tmp_path, sd15, monk
     data = write_images(tmp_path / "photos", n=8)
     shared = tmp_path / "shared_cache"
     writes = []
-    real = caches.ShardedCache._write
-    monkeypatch.setattr(caches.ShardedCache, "_write", lambda self, *a: writes.append(self.kind) or real(self, *a))
+    real = caches.EntryCache.write_part
+    monkeypatch.setattr(caches.EntryCache, "write_part", lambda self, *a: writes.append(self.kind) or real(self, *a))
 
     def run(name, *extra):
         run_training(t2i_config(tmp_path / name, "sd15", sd15, data, "trainer.max_steps=1", "ema=none",
@@ -114,12 +114,12 @@ def test_run_cache_folder_keeps_only_the_current_files(tmp_path, sd15):
 
     data = write_images(tmp_path / "photos", n=8)
     run = tmp_path / "run"
-    run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=2", "ema=none", "data.cache_latents=true"))
+    ahead = ("trainer.max_steps=2", "ema=none", "data.cache_latents=true", "data.cache_fill=ahead")
+    run_training(t2i_config(run, "sd15", sd15, data, *ahead))
     assert [f.split("-")[0] for f in sorted(p.name for p in (run / "cache").iterdir())] == ["index", "latents", "text"]
     # resuming reads the same files (nothing recomputed, nothing else written)
     before = {str(p): p.stat().st_mtime_ns for p in (run / "cache").rglob("*")}
-    run_training(t2i_config(run, "sd15", sd15, data, "trainer.max_steps=3", "ema=none", "data.cache_latents=true",
-                            "resume=latest"))
+    run_training(t2i_config(run, "sd15", sd15, data, *ahead[1:], "trainer.max_steps=3", "resume=latest"))
     assert {str(p): p.stat().st_mtime_ns for p in (run / "cache").rglob("*")} == before
 
 
@@ -143,24 +143,23 @@ def test_hf_dataset_from_save_to_disk(tmp_path, sd15):
 
 def test_cached_rows_are_served_per_sample(tmp_path):
     """The data serves each sample's cached latent (its flip's) and its caption's text row (the empty prompt's
-    when dropped), read lazily from the shards."""
+    when dropped), read lazily from the part files; what a lazy fill lacks comes as pixels for the step."""
     from types import SimpleNamespace
 
     from difftrain.data.samples import MicroBatchKey
 
     data = _imagefolder(write_images(tmp_path / "p", n=4), resolution=8, random_flip=True, caption_dropout=0.5)
-    cache = caches.ShardedCache(tmp_path / "c", "latents", {"x": 1}, 4, shard_size=3)
+    cache = caches.EntryCache(tmp_path / "c", "latents", {"x": 1}, 8, part_size=3)
     accelerator = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True,
                                   wait_for_everyone=lambda: None)
-    reader = cache.build(lambda items: {f"{i}.{k}": torch.full((2, 1, 1), float(i) + (k == "mean_logvar_flip") / 2)
-                                        for i in items for k in ("mean_logvar", "mean_logvar_flip")}
-                         | {f"{i}.crop": torch.tensor([0, 0]) for i in items}, accelerator, prune=False)
-    assert sorted(p.name for p in cache.folder.iterdir()) == ["manifest.json", "shard-00000.safetensors",
-                                                              "shard-00001.safetensors"]
-    text = caches.ShardedCache(tmp_path / "c", "text", {"x": 1}, 3)
-    text_reader = text.build(lambda items: {f"{i}.e": torch.tensor([float(i)]) for i in items}, accelerator, False)
+    reader = cache.open(accelerator, "ahead", lambda entries: {e: {"mean_logvar": torch.full((2, 1, 1), e / 2)}
+                                                             for e in entries}, prune=False)
+    assert len(caches.part_files(cache.folder)) == 3 and reader.present == 8  # 8 entries, 3 per part
+    text = caches.EntryCache(tmp_path / "c", "text", {"x": 1}, 3)
+    text_reader = text.open(accelerator, "ahead", lambda entries: {e: {"e": torch.tensor([float(e)])} for e in entries},
+                            False)
     served = data.samples.served
-    served.latents, served.text, served.text_names = reader, text_reader, ("e",)
+    served.latents, served.flips, served.text = reader, True, text_reader
     served.caption_rows, served.empty_row = [1, 2, 1, 2], 0
     batch = data.samples.__getitems__(MicroBatchKey(0, 0, 0, (0, 1, 2, 3)))
     assert "pixels" not in batch
@@ -168,6 +167,23 @@ def test_cached_rows_are_served_per_sample(tmp_path):
     assert batch["latents"][:, 0, 0, 0].tolist() == expected
     assert batch["text"]["e"].flatten().tolist() == [0.0 if d else float(r)
                                                      for r, d in zip([1, 2, 1, 2], batch["dropped"].tolist())]
+    # a lazy fill that has the entries of samples 0 and 1 only: samples 2 and 3 come as pixels at their cache
+    # crop, flipped as drawn, for the step to encode; text rows it lacks come as None
+    partial = caches.EntryCache(tmp_path / "c", "latents", {"x": 2}, 8)
+    partial.write_part({e: {"mean_logvar": torch.full((2, 1, 1), e / 2)} for e in range(4)})
+    text_part = caches.EntryCache(tmp_path / "c", "text", {"x": 2}, 3)
+    text_part.write_part({0: {"e": torch.tensor([0.0])}})
+    served.latents, served.text = partial.reader(), text_part.reader()
+    lazy = data.samples.__getitems__(MicroBatchKey(0, 0, 0, (0, 1, 2, 3)))
+    fill, flips = lazy["latent_fill"], lazy["flips"].tolist()
+    assert fill["present"].tolist() == [0, 1] and fill["missing"].tolist() == [2, 3]
+    assert fill["entries"].tolist() == [2 * p + int(flips[p]) for p in (2, 3)]
+    assert lazy["latents"][:, 0, 0, 0].tolist() == expected[:2]
+    for j, p in enumerate((2, 3)):
+        assert torch.equal(fill["pixels"][j], data.samples.pixels(p, (8, 8), data.samples.cache_crop(p), flips[p]))
+    rows = [0 if d else r for r, d in zip([1, 2, 1, 2], lazy["dropped"].tolist())]
+    assert "text" not in lazy and lazy["text_fill"]["rows"] == rows
+    assert [g is None for g in lazy["text_fill"]["got"]] == [r != 0 for r in rows]
 
 
 def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
@@ -188,11 +204,11 @@ def test_family_prepare_takes_explicit_inputs(tmp_path, sd15):
     data = _imagefolder(write_images(tmp_path / "p", n=4), resolution=32, random_flip=True)
     schedule = family.training_schedule(registry.build("scheduler", {"name": "ddpm_v", "prediction_type": "v_prediction"}))
     assert schedule.prediction_type == "v_prediction" and not schedule.precondition_outputs
-    caches_on = CacheOptions(latents=True, folder=tmp_path / "cache", batch_size=2, key_fields=(("center_crop", True),))
+    caches_on = CacheOptions(latents=True, folder=tmp_path / "cache", fill="ahead", key_fields=(("center_crop", True),))
     family.prepare(data, Accelerator(cpu=True), None, caches_on, [])
     t2i = family.t2i
-    assert t2i.latent_cache.names(3) == ["crop", "mean_logvar", "mean_logvar_flip"]  # both flips
-    assert t2i.text_cache.names(0) == ["encoder_hidden_states"] and not t2i.frozen_encoders  # encoders released
+    assert t2i.latent_cache.reader.present == 8 and t2i.latent_cache.reader.names(7) == ["mean_logvar"]  # both flips
+    assert t2i.text_cache.reader.names(0) == ["encoder_hidden_states"] and not t2i.frozen_encoders  # encoders released
     x0, cond = family.inputs(data.samples.__getitems__(MicroBatchKey(0, 0, 0, (0, 1))), "cpu",
                              torch.Generator().manual_seed(0))
     assert x0.shape == (2, 4, 16, 16) and cond["encoder_hidden_states"].shape == (2, 77, 8)

@@ -215,6 +215,18 @@ def lora_file(run: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+def cache_tensors(run: Path, kind: str) -> dict[str, torch.Tensor]:
+    """Every tensor ("<entry>.<name>") of the run's one `kind` cache (latents or text), from all its part files."""
+    from safetensors.torch import load_file
+
+    (folder,) = (run / "cache").glob(f"{kind}-*")
+    tensors: dict[str, torch.Tensor] = {}
+    for part in sorted(folder.glob("part-*.safetensors")):
+        for name, value in load_file(str(part)).items():
+            tensors.setdefault(name, value)
+    return tensors
+
+
 def losses(run: Path) -> list[tuple]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in rows if "loss" in r]
