@@ -100,7 +100,7 @@ class CaptionedImageDataConfig:
     cache_fill: str = opt("auto", "when cached entries are computed: lazy (by the step that first needs one, "
                                   "written as it goes: no pass before step 1), ahead (all before step 1, "
                                   "then the frozen encoders are released), auto (latents lazily; prompt "
-                                  "embeddings lazily unless the text encoders hold over 1 GiB, like T5)",
+                                  "embeddings lazily unless the frozen text encoders hold over 1 GiB: SDXL, SD3, FLUX)",
                           choices=("auto", "lazy", "ahead"))
     cache_dir: str | None = opt(None, "folder of the caches; null = RUN_DIR/cache")
 
