@@ -59,3 +59,20 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# ---- the text-to-image tests' shared inputs (tests/t2i/tiny_pipes.py builds them) -----------------------------
+@pytest.fixture(scope="session")
+def sd15(tmp_path_factory):
+    """The tiny SD1.5-style pipeline folder (built once per session)."""
+    from tiny_pipes import pipeline_dir
+
+    return pipeline_dir("sd15", tmp_path_factory.mktemp("pipes"))
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """8 captioned 40x48 images (metadata.jsonl); tests copy the folder before changing it."""
+    from tiny_pipes import write_images
+
+    return write_images(tmp_path_factory.mktemp("data") / "photos")

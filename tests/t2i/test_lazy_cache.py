@@ -10,23 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_pipes import cache_tensors, lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
+from tiny_pipes import cache_tensors, lora_file, losses, one_thread, t2i_config
 
 from difftrain.data import cache as caches
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 
 ONE = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, wait_for_everyone=lambda: None)
-
-
-@pytest.fixture(scope="session")
-def sd15(tmp_path_factory):
-    return pipeline_dir("sd15", tmp_path_factory.mktemp("pipes"))
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data") / "photos")
 
 
 def test_resume_from_a_partly_filled_cache_is_exact(tmp_path, sd15, images, monkeypatch):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_pipes import one_thread, pipeline_dir, t2i_config, write_images
+from tiny_pipes import one_thread, pipeline_dir, t2i_config
 
 from difftrain.cli.main import main
 
@@ -17,16 +17,6 @@ one_thread = pytest.fixture(autouse=True)(one_thread)
 LORA = ("lora=on", "lora.rank=4", "lora.alpha=8", "lora.train_text_encoder=true", "optimizer.lr=0.01",
         "ema=posthoc", "ema.snapshot_every=2", "trainer.validate_every=4")  # validated once, at the end
 PREFIXES = {"unet": "denoiser.", "transformer": "denoiser.", "text_encoder": "text_encoders.text_encoder."}  # T2IModule -> pipeline part
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return pipeline_dir("sd15", tmp_path_factory.mktemp("pipes"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data") / "photos")
 
 
 @pytest.fixture(scope="module")

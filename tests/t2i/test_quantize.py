@@ -13,20 +13,10 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
-from tiny_pipes import lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
+from tiny_pipes import lora_file, losses, one_thread, pipeline_dir, t2i_config
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 LOSS_RTOL = 0.02
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    return pipeline_dir("sd15", tmp_path_factory.mktemp("pipes"))
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data") / "photos")
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,6 @@ from tiny_pipes import lora_file, losses, one_thread, pipeline_dir, t2i_config, 
 one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
-@pytest.fixture(scope="session")
-def sd15(tmp_path_factory):
-    return pipeline_dir("sd15", tmp_path_factory.mktemp("pipes"))
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data") / "photos")
-
-
 def _rows(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -8,19 +8,9 @@ import shutil
 
 import pytest
 import torch
-from tiny_pipes import cache_tensors, lora_file, losses, one_thread, pipeline_dir, t2i_config, write_images
+from tiny_pipes import cache_tensors, lora_file, losses, one_thread, t2i_config
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
-
-
-@pytest.fixture(scope="session")
-def sd15(tmp_path_factory):
-    return pipeline_dir("sd15", tmp_path_factory.mktemp("pipes"))
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data") / "photos")
 
 
 def _generate(pipe) -> torch.Tensor:
