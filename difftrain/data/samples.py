@@ -277,10 +277,9 @@ class ImageSamples(torch.utils.data.Dataset):
         return (int(torch.randint(0, resized[0] - size[0] + 1, (1,), generator=g)),
                 int(torch.randint(0, resized[1] - size[1] + 1, (1,), generator=g)))
 
-    def cache_item(self, position: int) -> tuple[int, torch.Tensor, tuple[int, int]]:
-        """(position, pixels at the cache crop, crop offset) of one sample, for the latent cache build."""
-        crop = self.cache_crop(position)
-        return position, self.pixels(position, self.buckets[self.bucket_of[position]], crop), crop
+    def cache_item(self, position: int) -> tuple[int, torch.Tensor]:
+        """(position, pixels at the cache crop) of one sample, for the latent cache filled ahead."""
+        return position, self.pixels(position, self.buckets[self.bucket_of[position]], self.cache_crop(position))
 
     def fixed_batch(self, positions: list[int], size: tuple[int, int]) -> dict:
         """Un-augmented samples at `size` (center crop, no flip, no dropout, no tag draws): the validation

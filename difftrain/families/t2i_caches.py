@@ -67,7 +67,7 @@ class LatentFill:
             positions = sorted({e // 2 if flips else e for e in entries})
             loader = torch.utils.data.DataLoader(CacheItems(samples, positions), batch_size=None,
                                                  num_workers=options.num_workers)
-            for position, pixels, _ in loader:
+            for position, pixels in loader:
                 for flip in (False, True) if flips else (False,):
                     entry = served.latent_entry(position, flip)
                     if entry in wanted:
