@@ -340,36 +340,40 @@ def checksum_matches(path: Path, recorded: str) -> bool:
         return True
 
 
-def verify_part(path: Path, key: str | None = None) -> str | None:
-    """None when a part file matches the checksum in its name (and carries `key`), else what is wrong."""
+def _check_part(path: Path) -> tuple[str | None, str | None]:
+    """(what is wrong with a part file or None, the cache key in its metadata): its checksum, then its header."""
     from safetensors import safe_open
 
     recorded = part_checksum(path)
     if recorded is None:
-        return f"{path.name} is not named part-<algorithm>-<checksum>.safetensors"
+        return f"{path.name} is not named part-<algorithm>-<checksum>.safetensors", None
     try:
         if not checksum_matches(path, recorded):
-            return f"{path.name} does not match its checksum"
+            return f"{path.name} does not match its checksum", None
         with safe_open(str(path), framework="pt") as f:
-            found = (f.metadata() or {}).get("key")
+            return None, (f.metadata() or {}).get("key")
     except Exception as exc:  # noqa: BLE001
-        return f"{path.name} cannot be read ({exc})"
-    return None if key is None or found == key else f"{path.name} belongs to another cache"
+        return f"{path.name} cannot be read ({exc})", None
+
+
+def verify_part(path: Path, key: str | None = None) -> str | None:
+    """None when a part file matches the checksum in its name (and carries `key`), else what is wrong."""
+    problem, found = _check_part(path)
+    if problem is not None or key is None or found == key:
+        return problem
+    return f"{path.name} belongs to another cache"
 
 
 def verify_cache(folder: Path) -> str | None:
     """None when every part of a cache folder matches its checksum and all carry one key, else what is wrong.
     (A cache still being filled is not damaged: the next run computes its missing entries.)"""
-    from safetensors import safe_open
-
     parts = part_files(folder)
     if not parts and any(p.name.startswith("shard-") for p in folder.iterdir()):
         return "an older cache format (shard files), which this version does not read: delete the folder"
     keys = set()
     for path in parts:
-        problem = verify_part(path)
+        problem, key = _check_part(path)
         if problem is not None:
             return problem
-        with safe_open(str(path), framework="pt") as f:
-            keys.add((f.metadata() or {}).get("key"))
+        keys.add(key)
     return None if len(keys) <= 1 else f"parts of {len(keys)} different caches"
