@@ -12,12 +12,12 @@ from difftrain import progress
 from difftrain.engine import checkpoint as ckpt
 from difftrain.engine.preemption import Preempted, requeue_slurm_job, requeued_slurm_job
 from difftrain.engine.run_files import (
+    begin_run_log,
     close_train_log,
     config_changes,
     default_run_dir,
     open_train_log,
     prepare_run_dir,
-    quiet_console,
 )
 from difftrain.engine.trackers import Trackers, check_trackers
 from difftrain.errors import UserError, warn
@@ -70,7 +70,7 @@ def run_training(cfg: dict, fallback_dir: Path | None = None) -> dict:
     from difftrain.engine.distributed import make_accelerator
 
     started = time.perf_counter()
-    quiet_console()  # library log records and warnings go to train.log, not to the console
+    begin_run_log()  # library log records and warnings go to train.log, not to the console
     check_trackers(cfg["logging"])  # a tracker whose package is missing stops the run before anything is built
     accelerator = make_accelerator(cfg)
     run_dir = choose_run_dir(cfg, accelerator, fallback_dir)

@@ -193,6 +193,13 @@ def quiet_console() -> None:
     route_library_logs()
 
 
+def begin_run_log() -> None:
+    """The start of a run: a quiet console, and train.log gets the records from here on only, not those that
+    code outside a run (or an earlier run's teardown) left in the buffer of this process."""
+    quiet_console()
+    _state["buffer"].records.clear()
+
+
 def route_library_logs() -> None:
     """Libraries that print their own log records (a stream handler, no propagation) send them to the root
     logger instead; diffusers', transformers' and huggingface_hub's tqdm bars off. Call again after a library
