@@ -258,6 +258,14 @@ class EntryWriter:
         row = self.pending.get(entry)
         return row if row is not None else self.reader.row(entry)
 
+    def get_or_compute(self, entry: int, compute: Callable[[], Row]) -> Row:
+        """The entry's row: waiting to be written or written (by any process), else computed now and added."""
+        row = self.lookup(entry)
+        if row is None:
+            row = compute()
+            self.add(entry, row)
+        return row
+
     def add(self, entry: int, row: Row) -> None:
         if self.failed or entry in self.reader._where:
             return

@@ -95,11 +95,8 @@ class LatentFill:
             rows[i] = row
         t2i = self.t2i
         for i, entry, pixels in zip(fill["missing"].tolist(), fill["entries"].tolist(), fill["pixels"]):
-            got = self.writer.lookup(entry)
-            if got is None:
-                got = {"mean_logvar": encode_latent(t2i.vae, pixels, t2i.accelerator.device, t2i.vae_dtype)}
-                self.writer.add(entry, got)
-            rows[i] = got["mean_logvar"]
+            rows[i] = self.writer.get_or_compute(entry, lambda: {"mean_logvar": encode_latent(
+                t2i.vae, pixels, t2i.accelerator.device, t2i.vae_dtype)})["mean_logvar"]
         return torch.stack(rows)
 
 
@@ -139,13 +136,9 @@ class TextFill:
         if fill is None:
             self.release_when_complete()
             return batch["text"]
-        got = list(fill["got"])
-        for i, row in enumerate(fill["rows"]):
-            if got[i] is None:
-                got[i] = self.writer.lookup(row)
-                if got[i] is None:
-                    got[i] = encode_one_prompt(self.t2i, self.prompts[row])
-                    self.writer.add(row, got[i])
+        got = [served if served is not None else self.writer.get_or_compute(
+            row, lambda row=row: encode_one_prompt(self.t2i, self.prompts[row]))
+            for row, served in zip(fill["rows"], fill["got"])]
         self.release_when_complete()
         return {name: torch.stack([g[name] for g in got]) for name in got[0]}
 
