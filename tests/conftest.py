@@ -76,3 +76,17 @@ def images(tmp_path_factory):
     from tiny_pipes import write_images
 
     return write_images(tmp_path_factory.mktemp("data") / "photos")
+
+
+# ---- the multi-process tests' shared run (tests/distributed/dist_helpers.py launches it) ------------------------
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory):
+    """`accelerate launch --multi_gpu --num_processes 2 -m difftrain train` on TINY + dist_helpers.TWO (12 steps,
+    checkpoints at 4, 8 and 12), with no output_dir: (root, [the run folder], console output). Each 2-process
+    launch costs ~20 s of imports, so the DDP reference is launched once for test_multiprocess and test_fsdp2."""
+    sys.path.insert(0, str(REPO / "tests" / "distributed"))
+    from dist_helpers import TWO_PROC, launch
+
+    root = tmp_path_factory.mktemp("ddp")
+    proc = launch("accelerate", TWO_PROC, cwd=root)
+    return root, list((root / "outputs").iterdir()), proc.stdout + proc.stderr

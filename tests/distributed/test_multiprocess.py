@@ -39,15 +39,6 @@ def _same_rows(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """`accelerate launch --multi_gpu --num_processes 2 -m difftrain train` with no output_dir."""
-    root = tmp_path_factory.mktemp("ddp")
-    proc = launch("accelerate", TWO_PROC, cwd=root)
-    runs = list((root / "outputs").iterdir())
-    return root, runs, proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
 def one_proc_run(tmp_path_factory):
     from conftest import tiny_config
 
