@@ -19,8 +19,9 @@ def build_report(cfg: dict) -> tuple[str, int]:
     """(report text, number of images a run with this config cannot train on)."""
     from difftrain import registry
 
-    model = registry.get("model", cfg["model"]["name"])
-    multiple = model.load().size_multiple_of(model.schema(**cfg["model"]))
+    from difftrain.engine.setup import size_multiple
+
+    multiple = size_multiple(cfg["model"])
     data_entry = registry.get("data", cfg["data"]["name"])
     node = dict(cfg["data"])
     if "on_bad_image" in node:  # list every problem instead of stopping at them

@@ -130,6 +130,21 @@ def test_bad_images_are_reported_all_at_once_and_nothing_is_written(tmp_path):
     assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
 
 
+def test_bad_images_stop_the_run_before_the_model_is_built(tmp_path, monkeypatch):
+    """The data is indexed first (buckets sized by `size_multiple_of`, from the config alone): a bad folder
+    costs seconds, not the model's imports and weights (minutes for a large base from disk)."""
+    from difftrain.engine.run import run_training
+    from difftrain.families.unet2d import UNet2DFamily
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the data was indexed")
+
+    monkeypatch.setattr(UNet2DFamily, "__init__", refuse)
+    with pytest.raises(UserError, match="4 of 12 images cannot be trained on"):
+        run_training(tiny_config(tmp_path / "run", *BUCKETED, f"data.path={_bad_folder(tmp_path / 'images')}"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_skip_trains_without_bad_images_and_lists_them(tmp_path):
     from difftrain.engine.run import run_training
 
