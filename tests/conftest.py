@@ -90,3 +90,19 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     proc = launch("accelerate", TWO_PROC, cwd=root)
     return root, list((root / "outputs").iterdir()), proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def sdxl_ddp_run(tmp_path_factory):
+    """torchrun, 2 processes: dist_helpers.sdxl_lora_args on a tiny SDXL pipeline and 24 captioned mixed-aspect
+    images -> (pipeline folder, image folder, run folder). test_multiprocess_data checks and resumes it;
+    test_fsdp2 trains the same run with distributed=fsdp2 against it."""
+    sys.path[:0] = [str(REPO / "tests" / d) for d in ("distributed", "t2i", "data")]
+    from dist_helpers import launch, sdxl_lora_args
+    from mixed_images import write_mixed
+    from tiny_sdxl import build_sdxl
+
+    root = tmp_path_factory.mktemp("sdxl_ddp")
+    pipe, images = build_sdxl(root / "sdxl"), write_mixed(root / "images", n=24, captions=True)
+    launch("torchrun", sdxl_lora_args(pipe, images, root / "run"), timeout=600)
+    return pipe, images, root / "run"

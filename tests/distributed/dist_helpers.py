@@ -80,3 +80,14 @@ def metrics(run: Path) -> list[dict]:
 
 def train_rows(run: Path) -> list[dict]:
     return [r for r in metrics(run) if "loss" in r]
+
+
+def sdxl_lora_args(pipe: Path, images: Path, run: Path) -> list[str]:
+    """A tiny SDXL pipeline with LoRA (EMA on) on a mixed-aspect folder: buckets, one DataLoader worker, random
+    flips, lazily filled latent and text caches, 2 x batch 2 for 4 steps, checkpoints at 2 and 4, a validation."""
+    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    return [*base, "model=sdxl", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={images}",
+            "data.resolution=32", "data.buckets=auto", "data.random_flip=true", "data.cache_latents=true",
+            "lora=on", "trainer.batch_size=2", "trainer.num_workers=1", "trainer.max_steps=4",
+            "trainer.checkpoint_every=2", "trainer.checkpoints_total_limit=null", "validation.prompts=[picture 0]",
+            "validation.num_images=1", "validation.steps=2", f"output_dir={run}"]
