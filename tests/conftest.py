@@ -14,6 +14,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one OpenMP thread per 
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
 
+# Modules whose tests share a session fixture's 2-process run (ddp_run, sdxl_ddp_run): one xdist worker.
+SHARED_RUNS = {"test_fsdp2.py", "test_multiprocess.py", "test_multiprocess_data.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n 2` (the README's command; pyproject sets --dist loadgroup) each worker gets whole
+    modules, so a module-scoped fixture (often a multi-process launch) runs once, and the modules in
+    SHARED_RUNS go to one worker together, so their session-scoped runs are launched once, not once per worker.
+    Serial runs ignore the marks."""
+    for item in items:
+        module = item.nodeid.split("::")[0]  # tests/engine/test_x.py
+        item.add_marker(pytest.mark.xdist_group("shared_runs" if item.path.name in SHARED_RUNS else module))
+
 # A tiny UNet and a short run: every engine test composes the real conf/ tree with these overrides.
 TINY = [
     "model.block_out_channels=[8,16]",

@@ -18,7 +18,6 @@ from difftrain.errors import UserError
 def build_report(cfg: dict) -> tuple[str, int]:
     """(report text, number of images a run with this config cannot train on)."""
     from difftrain import registry
-
     from difftrain.engine.setup import size_multiple
 
     multiple = size_multiple(cfg["model"])

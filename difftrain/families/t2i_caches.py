@@ -95,7 +95,7 @@ class LatentFill:
             rows[i] = row
         t2i = self.t2i
         for i, entry, pixels in zip(fill["missing"].tolist(), fill["entries"].tolist(), fill["pixels"]):
-            rows[i] = self.writer.get_or_compute(entry, lambda: {"mean_logvar": encode_latent(
+            rows[i] = self.writer.get_or_compute(entry, lambda pixels=pixels: {"mean_logvar": encode_latent(
                 t2i.vae, pixels, t2i.accelerator.device, t2i.vae_dtype)})["mean_logvar"]
         return torch.stack(rows)
 
