@@ -102,6 +102,14 @@ def load_run(run_dir: str):
     return cfg, family.load_finished(root, cfg, device, partial(latest_checkpoint_tensors, root))
 
 
+def parse_labels(text: str) -> list[int]:
+    """--labels 0,1,7 as integers (checked before the run's model is loaded)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--labels '{text}' must be comma-separated integers, e.g. 0,1,7") from None
+
+
 def _label_request(opts, run):
     """(SampleRequest, file tag) of --labels (default: every class) for a class-conditional or an
     unconditional run."""
@@ -112,10 +120,7 @@ def _label_request(opts, run):
     num_classes = run.num_classes if run.conditioning == "labels" else None
     labels = None
     if opts.labels:
-        try:
-            values = [int(v) for v in opts.labels.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--labels '{opts.labels}' must be comma-separated integers, e.g. 0,1,7") from None
+        values = parse_labels(opts.labels)
         if not num_classes or any(not 0 <= v < num_classes for v in values):
             raise UserError(f"--labels {values} must lie in [0, {num_classes}) for this model"
                             if num_classes else "this model is unconditional: drop --labels")
@@ -153,6 +158,10 @@ def sample_command(args: list[str]) -> int:
     opts = parser.parse_args(args)
     if (opts.num is not None and opts.num < 1) or opts.steps < 1:
         raise UserError("--num and --steps must be positive integers")
+    if opts.labels and opts.prompt:
+        raise UserError("give --labels (class-conditional runs) or --prompt (text-to-image runs), not both")
+    if opts.labels:
+        parse_labels(opts.labels)  # a typo fails here, not after the model has loaded
     _, run = load_run(opts.run_dir)
     request, tag = _prompt_request(opts) if run.conditioning == "prompts" else _label_request(opts, run)
     images, nrow = run.generate(request)

@@ -113,6 +113,21 @@ def test_sample_rejects_arguments_the_run_cannot_take(finished_run, main_cli, ar
     assert grids() == before  # nothing written
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--labels", "0,x"], "--labels '0,x' must be comma-separated integers, e.g. 0,1,7"),
+    (["--labels", "1", "--prompt", "a dog"], "give --labels (class-conditional runs) or --prompt (text-to-image "
+                                            "runs), not both"),
+    (["--steps", "0"], "--num and --steps must be positive integers"),
+])
+def test_sample_argument_typos_fail_before_the_model_loads(finished_run, main_cli, monkeypatch, args, expected):
+    def refuse(run_dir):
+        raise AssertionError("the run's model was loaded")
+
+    monkeypatch.setattr("difftrain.cli.commands.load_run", refuse)
+    result = main_cli("sample", finished_run, *args)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {expected}\n")
+
+
 def test_sample_from_the_latest_checkpoint_when_final_is_missing(finished_run, main_cli, tmp_path):
     """Without final/, the family builds the model from config.yaml and loads the latest checkpoint's
     weights with the EMA weights over them; the grid equals the one from final/unet (the EMA weights)."""
