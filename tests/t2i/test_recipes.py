@@ -43,6 +43,39 @@ def test_dreambooth_generates_class_images_once_and_logs_both_losses(tmp_path, s
     assert [x[1] for x in losses(again)] == [x[1] for x in losses(run)[:2]]  # the same batches and draws
 
 
+def test_class_images_are_the_same_whatever_the_number_of_processes(tmp_path, sd15):
+    """engine/class_images.py: image i comes from its own generator of (seed, i), so 2 ranks (rank r makes the
+    missing i with i mod 2 = r, in other batches: [0, 2, 4] and [1, 3] instead of [0..3] and [4]) write the
+    files one process writes. The ranks are played in turn here with stand-in accelerators; what a real
+    2-process launch adds is the barrier around the generation."""
+    import numpy as np
+    from PIL import Image
+
+    from difftrain.engine.class_images import generate_class_images
+
+    family = type("Family", (), {"source": type("Source", (), {"location": str(sd15), "revision": None,
+                                                               "variant": None})()})()
+
+    def accelerator(rank, world):
+        return type("Accelerator", (), {"process_index": rank, "num_processes": world, "is_main_process": rank == 0,
+                                        "device": torch.device("cpu")})()
+
+    entry = {"class_prompt": "a photo of a dog", "resolution": 32, "class_image_steps": 2, "num_class_images": 5}
+    assert generate_class_images({**entry, "class_data_dir": str(tmp_path / "one")}, list(range(5)), family,
+                                 accelerator(0, 1), seed=3) == 5
+    made = [generate_class_images({**entry, "class_data_dir": str(tmp_path / "two")}, list(range(5)), family,
+                                  accelerator(rank, 2), seed=3) for rank in (0, 1)]
+    assert made == [3, 2]
+    names = [f"class-{i:05d}.png" for i in range(5)]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == names  # no temporary file left
+    one = [np.asarray(Image.open(tmp_path / "one" / n)).astype(int) for n in names]
+    two = [np.asarray(Image.open(tmp_path / "two" / n)).astype(int) for n in names]
+    worst = max(int(np.abs(a - b).max()) for a, b in zip(one, two))
+    print(f"largest pixel difference, 1 vs 2 processes: {worst}")
+    assert worst == 0
+    assert len({a.tobytes() for a in one}) == 5  # five different images
+
+
 def test_two_sources_with_repeats_and_prior_resume_bitwise(tmp_path, sd15, images):
     from difftrain.engine.run import run_training
 
