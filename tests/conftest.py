@@ -20,7 +20,7 @@ SHARED_RUNS = {"test_fsdp2.py", "test_multiprocess.py", "test_multiprocess_data.
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n 2` (the README's command; pyproject sets --dist loadgroup) each worker gets whole
+    """Under `pytest -n 2 --dist loadgroup` (the README's command) each worker gets whole
     modules, so a module-scoped fixture (often a multi-process launch) runs once, and the modules in
     SHARED_RUNS go to one worker together, so their session-scoped runs are launched once, not once per worker.
     Serial runs ignore the marks."""
