@@ -105,22 +105,24 @@ def load_run(run_dir: str):
 def parse_labels(text: str) -> list[int]:
     """--labels 0,1,7 as integers (checked before the run's model is loaded)."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"--labels '{text}' must be comma-separated integers, e.g. 0,1,7") from None
+        values = []
+    if not values:
+        raise UserError(f"--labels '{text}' must be comma-separated integers, e.g. 0,1,7")
+    return values
 
 
-def _label_request(opts, run):
-    """(SampleRequest, file tag) of --labels (default: every class) for a class-conditional or an
-    unconditional run."""
+def _label_request(opts, run, values: list[int] | None):
+    """(SampleRequest, file tag) of --labels (`values`, parsed; default: every class) for a class-conditional
+    or an unconditional run."""
     from difftrain.families.protocol import SampleRequest
 
     if opts.prompt:
         raise UserError("--prompt is for text-to-image runs (model=sd15 or sd3); this run takes --labels")
     num_classes = run.num_classes if run.conditioning == "labels" else None
     labels = None
-    if opts.labels:
-        values = parse_labels(opts.labels)
+    if values:
         if not num_classes or any(not 0 <= v < num_classes for v in values):
             raise UserError(f"--labels {values} must lie in [0, {num_classes}) for this model"
                             if num_classes else "this model is unconditional: drop --labels")
@@ -160,10 +162,9 @@ def sample_command(args: list[str]) -> int:
         raise UserError("--num and --steps must be positive integers")
     if opts.labels and opts.prompt:
         raise UserError("give --labels (class-conditional runs) or --prompt (text-to-image runs), not both")
-    if opts.labels:
-        parse_labels(opts.labels)  # a typo fails here, not after the model has loaded
+    labels = parse_labels(opts.labels) if opts.labels else None  # a typo fails before the model loads
     _, run = load_run(opts.run_dir)
-    request, tag = _prompt_request(opts) if run.conditioning == "prompts" else _label_request(opts, run)
+    request, tag = _prompt_request(opts) if run.conditioning == "prompts" else _label_request(opts, run, labels)
     images, nrow = run.generate(request)
     from difftrain.engine.evaluation import save_grid  # torch and torchvision: only once there is a grid
 

@@ -115,6 +115,7 @@ def test_sample_rejects_arguments_the_run_cannot_take(finished_run, main_cli, ar
 
 @pytest.mark.parametrize("args,expected", [
     (["--labels", "0,x"], "--labels '0,x' must be comma-separated integers, e.g. 0,1,7"),
+    (["--labels", ","], "--labels ',' must be comma-separated integers, e.g. 0,1,7"),
     (["--labels", "1", "--prompt", "a dog"], "give --labels (class-conditional runs) or --prompt (text-to-image "
                                             "runs), not both"),
     (["--steps", "0"], "--num and --steps must be positive integers"),
