@@ -75,6 +75,24 @@ def cli_env() -> dict:
     return env
 
 
+def cli_in_process(*argv: str) -> tuple[int, str]:
+    """`difftrain ARGV` in this process: (exit status, everything printed); accelerate's state reset after."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from difftrain.cli.main import main
+    from difftrain.engine.distributed import reset_accelerate_state
+
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(out):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    reset_accelerate_state()
+    return code, out.getvalue()
+
+
 # ---- the text-to-image tests' shared inputs (tests/t2i/tiny_pipes.py builds them) -----------------------------
 @pytest.fixture(scope="session")
 def sd15(tmp_path_factory):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, cli_in_process
 
 sys.path.insert(0, str(REPO / "tests" / "data"))
 from mixed_images import write_mixed  # noqa: E402
@@ -24,22 +24,7 @@ from mixed_images import write_mixed  # noqa: E402
 RUN = [*TINY, "trainer.max_steps=2", "trainer.checkpoint_every=1", "trainer.checkpoints_total_limit=null"]
 
 
-def cli(*argv: str) -> tuple[int, str]:
-    """`difftrain ARGV` in this process: (exit status, everything printed)."""
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
-    from difftrain.cli.main import main
-    from difftrain.engine.distributed import reset_accelerate_state
-
-    out = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(out):
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    reset_accelerate_state()
-    return code, out.getvalue()
+cli = cli_in_process  # `difftrain ARGV` in this process: (exit status, everything printed)
 
 
 def tree_sums(folder: Path) -> dict[str, str]:

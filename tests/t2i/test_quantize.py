@@ -7,12 +7,11 @@ fp32 base (measured here: at most ~0.1 %); the exported LoRA file has the same k
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
+from conftest import cli_in_process
 from tiny_pipes import lora_file, losses, one_thread, pipeline_dir, t2i_config
 
 one_thread = pytest.fixture(autouse=True)(one_thread)
@@ -130,18 +129,7 @@ def test_int8_base_trains_with_bf16_autocast(family, images, tmp_path, tmp_path_
     assert all(v.dtype == torch.float32 for v in lora_file(run)[0].values())
 
 
-def _cli(*argv: str) -> tuple[int, str]:
-    from difftrain.cli.main import main
-    from difftrain.engine.distributed import reset_accelerate_state
-
-    out = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(out):
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    reset_accelerate_state()
-    return code, out.getvalue()
+_cli = cli_in_process
 
 
 def _argv(run, pipe, images, *extra) -> list[str]:
