@@ -116,13 +116,7 @@ def save_lora_flux(folder: Path, model) -> None:
     """peft keys (transformer.…to_q.lora_A.weight, text_encoder.text_model.…q_proj.lora_B.weight)."""
     from diffusers import FluxPipeline
 
-    layers = {"transformer_lora_layers": lora_io.denoiser_layers(model.denoiser, False)}
-    modules = {"transformer": model.denoiser}
-    if model.text_encoders is not None:
-        encoder = model.text_encoders["text_encoder"]
-        layers["text_encoder_lora_layers"] = lora_io.text_encoder_layers(encoder, False)
-        modules["text_encoder"] = encoder
-    FluxPipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+    lora_io.save_pipeline_lora(folder, model, FluxPipeline, "transformer", LORA_TEXT_ENCODERS, diffusers_keys=False)
 
 
 def export_scheduler_flux(inference_scheduler, schedule):

@@ -100,3 +100,17 @@ def adapter_metadata(modules: dict[str, torch.nn.Module]) -> dict:
     from difftrain.components.lora import lora_adapter_metadata
 
     return lora_adapter_metadata(modules)
+
+
+def save_pipeline_lora(folder, model, pipeline_class, denoiser: str, text_encoders: tuple[str, ...],
+                       diffusers_keys: bool) -> None:
+    """`pipeline_class.save_lora_weights` of a family's trained adapters: `<denoiser>_lora_layers` (the
+    family's T2IModule `model.denoiser`: "unet" or "transformer") and, when they were trained, the layers of
+    each of `text_encoders`, with every module's adapter config as metadata."""
+    layers = {f"{denoiser}_lora_layers": denoiser_layers(model.denoiser, diffusers_keys)}
+    modules = {denoiser: model.denoiser}
+    if model.text_encoders is not None:
+        for name in text_encoders:
+            layers[f"{name}_lora_layers"] = text_encoder_layers(model.text_encoders[name], diffusers_keys)
+            modules[name] = model.text_encoders[name]
+    pipeline_class.save_lora_weights(str(folder), **layers, **adapter_metadata(modules))

@@ -67,13 +67,7 @@ def save_lora_sd15(folder: Path, model) -> None:
     """diffusers' legacy keys (unet.…to_q.lora.down.weight), what the SD 1.x/2.x loaders expect."""
     from diffusers import StableDiffusionPipeline
 
-    layers = {"unet_lora_layers": lora_io.denoiser_layers(model.denoiser, True)}
-    modules = {"unet": model.denoiser}
-    if model.text_encoders is not None:
-        encoder = model.text_encoders["text_encoder"]
-        layers["text_encoder_lora_layers"] = lora_io.text_encoder_layers(encoder, True)
-        modules["text_encoder"] = encoder
-    StableDiffusionPipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+    lora_io.save_pipeline_lora(folder, model, StableDiffusionPipeline, "unet", ("text_encoder",), diffusers_keys=True)
 
 
 def export_scheduler_sd15(inference_scheduler, schedule):

@@ -92,13 +92,8 @@ def save_lora_sd3(folder: Path, model) -> None:
     """peft keys (transformer.…to_q.lora_A.weight), what the SD3 loader expects."""
     from diffusers import StableDiffusion3Pipeline
 
-    layers = {"transformer_lora_layers": lora_io.denoiser_layers(model.denoiser, False)}
-    modules = {"transformer": model.denoiser}
-    if model.text_encoders is not None:
-        for name in LORA_TEXT_ENCODERS:
-            layers[f"{name}_lora_layers"] = lora_io.text_encoder_layers(model.text_encoders[name], False)
-            modules[name] = model.text_encoders[name]
-    StableDiffusion3Pipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+    lora_io.save_pipeline_lora(folder, model, StableDiffusion3Pipeline, "transformer", LORA_TEXT_ENCODERS,
+                               diffusers_keys=False)
 
 
 def export_scheduler_sd3(inference_scheduler, schedule):

@@ -105,13 +105,7 @@ def save_lora_sdxl(folder: Path, model) -> None:
     """diffusers' keys as train_text_to_image_lora_sdxl.py writes them (unet.…, text_encoder.…, text_encoder_2.…)."""
     from diffusers import StableDiffusionXLPipeline
 
-    layers = {"unet_lora_layers": lora_io.denoiser_layers(model.denoiser, True)}
-    modules = {"unet": model.denoiser}
-    if model.text_encoders is not None:
-        for name in LORA_TEXT_ENCODERS:
-            layers[f"{name}_lora_layers"] = lora_io.text_encoder_layers(model.text_encoders[name], True)
-            modules[name] = model.text_encoders[name]
-    StableDiffusionXLPipeline.save_lora_weights(str(folder), **layers, **lora_io.adapter_metadata(modules))
+    lora_io.save_pipeline_lora(folder, model, StableDiffusionXLPipeline, "unet", LORA_TEXT_ENCODERS, diffusers_keys=True)
 
 
 def load_vae(name: str):
