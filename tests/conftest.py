@@ -48,6 +48,8 @@ TINY = [
     "validation.loss_batch_size=4",
     "eval.enabled=false",
 ]
+# TINY for the text-to-image families: without the digits UNet's model keys and its label validation
+TINY_T2I = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
 
 
 @pytest.fixture(autouse=True)

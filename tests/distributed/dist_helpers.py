@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import TINY  # noqa: E402
+from conftest import TINY, TINY_T2I  # noqa: E402
 
 # 2 processes x batch 4 = the global batch 8 of TINY; 12 steps, a checkpoint every 4
 RUN = ["trainer.max_steps=12", "trainer.checkpoint_every=4", "trainer.validate_every=12",
@@ -85,7 +85,7 @@ def train_rows(run: Path) -> list[dict]:
 def sdxl_lora_args(pipe: Path, images: Path, run: Path) -> list[str]:
     """A tiny SDXL pipeline with LoRA (EMA on) on a mixed-aspect folder: buckets, one DataLoader worker, random
     flips, lazily filled latent and text caches, 2 x batch 2 for 4 steps, checkpoints at 2 and 4, a validation."""
-    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    base = TINY_T2I
     return [*base, "model=sdxl", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={images}",
             "data.resolution=32", "data.buckets=auto", "data.random_flip=true", "data.cache_latents=true",
             "lora=on", "trainer.batch_size=2", "trainer.num_workers=1", "trainer.max_steps=4",

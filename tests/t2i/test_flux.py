@@ -45,12 +45,12 @@ def images(tmp_path_factory):
 
 def flux_config(output_dir: Path, pipe: Path, data: Path, *overrides: str) -> dict:
     """A validated tiny model=flux config through the real Hydra tree (32 px, two buckets, batches of 2)."""
-    from conftest import TINY
+    from conftest import TINY_T2I
 
     from difftrain.cli.train import compose_config
     from difftrain.config.validate import validate
 
-    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    base = TINY_T2I
     return validate(compose_config([
         *base, "model=flux", f"model.pretrained={pipe}", "model.max_sequence_length=16", "data=imagefolder",
         f"data.path={data}", "data.resolution=32", "data.buckets=auto", "trainer.batch_size=2",

@@ -149,12 +149,12 @@ def test_sdxl_unet_and_both_text_encoders(tmp_path, pipes, two_shapes):
 
 def flux_config(output_dir, pipe, data, *overrides: str) -> dict:
     """A tiny model=flux config (as tests/t2i/test_flux.py composes it)."""
-    from conftest import TINY
+    from conftest import TINY_T2I
 
     from difftrain.cli.train import compose_config
     from difftrain.config.validate import validate
 
-    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    base = TINY_T2I
     return validate(compose_config([
         *base, "model=flux", f"model.pretrained={pipe}", "model.max_sequence_length=16", "data=imagefolder",
         f"data.path={data}", "data.resolution=32", "data.buckets=auto", "trainer.batch_size=2",

@@ -133,9 +133,9 @@ _cli = cli_in_process
 
 
 def _argv(run, pipe, images, *extra) -> list[str]:
-    from conftest import TINY
+    from conftest import TINY_T2I
 
-    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    base = TINY_T2I
     return ["train", *base, "model=sd15", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={images}",
             "data.resolution=32", "trainer.batch_size=4", "validation.prompts=[a photo of a dog]",
             "validation.num_images=1", "validation.steps=2", f"output_dir={run}", *extra]

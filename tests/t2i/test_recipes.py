@@ -142,7 +142,7 @@ def test_tag_shuffling_turns_the_prompt_cache_off_and_huber_trains(tmp_path, sd1
 
 
 def _family_config(family: str, root, run, images, classes, *overrides: str) -> dict:
-    from conftest import TINY
+    from conftest import TINY_T2I
     from tiny_flux import flux_dir
     from tiny_sdxl import build_sdxl
 
@@ -155,7 +155,7 @@ def _family_config(family: str, root, run, images, classes, *overrides: str) -> 
         pipe, keys = pipeline_dir("sd3", root), ["model=sd3", "scheduler=sd3"]
     else:
         pipe, keys = flux_dir("dev", root), ["model=flux", "model.max_sequence_length=16"]
-    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    base = TINY_T2I
     return validate(compose_config([
         *base, *keys, f"model.pretrained={pipe}", "data=dreambooth", f"data.path={images}",
         "data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog", f"data.class_data_dir={classes}",

@@ -181,12 +181,12 @@ def write_images(folder: Path, n: int = 8, size: tuple[int, int] = (40, 48), cap
 def t2i_config(output_dir: Path, family: str, pipe: Path, data: Path | None, *overrides: str) -> dict:
     """A validated tiny text-to-image config through the real Hydra tree (TINY without the unet2d keys);
     `data` is an image folder (data=imagefolder), or None when the overrides choose the data."""
-    from conftest import TINY
+    from conftest import TINY_T2I
 
     from difftrain.cli.train import compose_config
     from difftrain.config.validate import validate
 
-    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    base = TINY_T2I
     family_keys = ["model=sd15"] if family == "sd15" else ["model=sd3", "scheduler=sd3"]
     return validate(compose_config([
         *base, *family_keys, f"model.pretrained={pipe}",

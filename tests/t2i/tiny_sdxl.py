@@ -77,12 +77,12 @@ def write_two_shapes(folder: Path, per_shape: int = 4) -> Path:
 
 def sdxl_config(output_dir: Path, pipe: Path, data: Path, *overrides: str) -> dict:
     """A validated tiny model=sdxl config through the real Hydra tree (32 px, two buckets, batches of 2)."""
-    from conftest import TINY
+    from conftest import TINY_T2I
 
     from difftrain.cli.train import compose_config
     from difftrain.config.validate import validate
 
-    base = [o for o in TINY if not o.startswith(("model.", "validation.labels", "validation.num_per_label"))]
+    base = TINY_T2I
     return validate(compose_config([
         *base, "model=sdxl", f"model.pretrained={pipe}", "data=imagefolder", f"data.path={data}",
         "data.resolution=32", "data.buckets=auto", "trainer.batch_size=2", "validation.prompts=[a photo of a dog]",
